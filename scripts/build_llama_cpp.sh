@@ -1,0 +1,187 @@
+#!/usr/bin/env bash
+# Build llama.cpp (pinned commit 0c1e57098) with the gguf_moeify patch series, for the runtime tests and evaluation.
+#
+# Usage: bash scripts/build_llama_cpp.sh [cpu|cuda|metal] [--stock] [--with-cli]
+#   cpu (default)  plain CPU build
+#   cuda           adds -DGGML_CUDA=ON -DGGML_CUDA_NO_VMM=ON; cuBLAS comes from PyPI's nvidia-cublas wheel
+#                  (pip-installed into the venv when missing) and is passed to CMake by path
+#                  (-DCUDAToolkit_ROOT is left to nvcc's location; CUDA_cublas_LIBRARY / CUDA_cublasLt_LIBRARY and
+#                  the include dir point into the wheel). Set CMAKE_CUDA_ARCHITECTURES (e.g. 90) to limit build time.
+#   metal          adds -DGGML_METAL=ON (macOS only)
+#   --stock        unpatched llama.cpp, only llama-perplexity and llama-completion (reference for "stock" files)
+#   --with-cli     also build llama-cli (links the server code: ~3 min more on 2 cores)
+#
+# Source: gguf_moeify.llama_cpp_source.llama_cpp_source() (LLAMA_CPP_DIR, the cache, git clone, or the PyPI sdist of
+# llama-cpp-python 0.3.36 which vendors the same commit). It is never modified: it is copied to
+#   ${GGUF_MOEIFY_CACHE:-~/.cache/gguf_moeify}/builds/<commit>-<backend>-<sha256 of patches/*.patch | stock>/src
+# where patches/*.patch are applied in order with `patch -p1`, and built in .../build. The cache lives outside the
+# clone, so CI on the same machine reuses it; when a build for the key is complete this script only re-copies.
+#
+# CMake flags (all backends):
+#   -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_CURL=OFF
+#   -DLLAMA_BUILD_COMMIT=0c1e57098 -DLLAMA_BUILD_NUMBER=0  (the vendored tree has no usable .git; without these ninja
+#                                                           can loop on regeneration)
+#   -DBUILD_SHARED_LIBS=OFF   static binaries: bin/ can be copied anywhere without shared libs
+#   -DLLAMA_BUILD_SERVER=OFF unless --with-cli; -DLLAMA_OPENSSL=OFF
+# Output: <project>/build/llama-cpp/bin (patched) or <project>/build/llama-cpp-stock/bin (--stock), plus BUILD_INFO.
+# Environment: PYTHON (interpreter with gguf_moeify importable; default .venv/bin/python), GGUF_MOEIFY_CACHE,
+#              LLAMA_CPP_DIR, JOBS (parallel build jobs; default nproc), EXTRA_CMAKE_ARGS.
+set -euo pipefail
+
+COMMIT=0c1e57098
+BACKEND=cpu
+STOCK=0
+WITH_CLI=0
+for arg in "$@"; do
+    case "$arg" in
+        cpu|cuda|metal) BACKEND="$arg" ;;
+        --stock) STOCK=1 ;;
+        --with-cli) WITH_CLI=1 ;;
+        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+        *) echo "build_llama_cpp.sh: unknown argument '$arg' (expected cpu|cuda|metal, --stock, --with-cli)" >&2; exit 2 ;;
+    esac
+done
+
+PROJECT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x "$PROJECT/.venv/bin/python" ]]; then PYTHON="$PROJECT/.venv/bin/python"; else PYTHON="$(command -v python3)"; fi
+fi
+CACHE="${GGUF_MOEIFY_CACHE:-$HOME/.cache/gguf_moeify}"
+JOBS="${JOBS:-$(nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 2)}"
+
+T_START=$SECONDS
+T_STEP=$SECONDS
+step() {  # step "name": report how long the previous step took, then announce the next one
+    local now=$SECONDS
+    if [[ -n "${STEP_NAME:-}" ]]; then echo "[build_llama_cpp] ${STEP_NAME}: $((now - T_STEP)) s"; fi
+    STEP_NAME="$1"; T_STEP=$now
+    [[ -n "$1" ]] && echo "[build_llama_cpp] == $1"
+    return 0
+}
+die() { echo "build_llama_cpp.sh: $*" >&2; exit 1; }
+
+# ---- tools
+step "tools"
+command -v cmake >/dev/null || die "cmake not found: install it (apt-get install cmake, or pip install cmake)"
+command -v patch >/dev/null || die "patch not found: install it (apt-get install patch)"
+if ! command -v ninja >/dev/null; then
+    if [[ -x "$(dirname "$PYTHON")/ninja" ]]; then
+        export PATH="$(dirname "$PYTHON"):$PATH"
+    else
+        echo "[build_llama_cpp] ninja not found: installing it with pip"
+        "$PYTHON" -m pip install --quiet ninja || die "could not install ninja (apt-get install ninja-build)"
+        export PATH="$(dirname "$PYTHON"):$PATH"
+    fi
+fi
+
+# ---- source
+step "source"
+SRC="$(cd "$PROJECT" && "$PYTHON" -c 'from gguf_moeify.llama_cpp_source import llama_cpp_source; print(llama_cpp_source())')" \
+    || die "could not obtain the llama.cpp source (see the message above)"
+[[ -f "$SRC/src/llama-graph.cpp" ]] || die "$SRC is not a llama.cpp tree"
+
+PATCHES=()
+if [[ $STOCK == 0 ]]; then
+    shopt -s nullglob
+    PATCHES=("$PROJECT"/patches/*.patch)
+    shopt -u nullglob
+    [[ ${#PATCHES[@]} -gt 0 ]] || die "no patches in $PROJECT/patches"
+    PKEY="$(cat "${PATCHES[@]}" | sha256sum | cut -c1-16)"
+    OUT="$PROJECT/build/llama-cpp"
+    TARGETS=(llama-perplexity llama-bench llama-quantize llama-completion)
+else
+    PKEY=stock
+    OUT="$PROJECT/build/llama-cpp-stock"
+    TARGETS=(llama-perplexity llama-completion)
+fi
+[[ $WITH_CLI == 1 ]] && TARGETS+=(llama-cli)
+KEY="$COMMIT-$BACKEND-$PKEY"
+WORK="$CACHE/builds/$KEY"
+STAMP="$WORK/build/.complete-$(echo "${TARGETS[*]}" | tr ' ' '+')"
+echo "[build_llama_cpp] source $SRC"
+echo "[build_llama_cpp] work dir $WORK"
+
+if [[ -f "$STAMP" ]]; then
+    echo "[build_llama_cpp] cached build is complete: copying only"
+else
+    # ---- copy + patch (always from a fresh copy, so a half-applied series never survives)
+    if [[ ! -f "$WORK/src/.patched" ]]; then
+        step "copy + patch"
+        rm -rf "$WORK/src.tmp"
+        mkdir -p "$WORK"
+        cp -a "$SRC" "$WORK/src.tmp"
+        rm -rf "$WORK/src.tmp/.git" "$WORK/src.tmp/build"
+        for p in "${PATCHES[@]}"; do
+            if ! patch -p1 --dry-run --batch --silent -d "$WORK/src.tmp" < "$p" >/dev/null 2>&1; then
+                rm -rf "$WORK/src.tmp"
+                die "patch $(basename "$p") does not apply to llama.cpp $COMMIT ($SRC)"
+            fi
+            patch -p1 --batch --silent -d "$WORK/src.tmp" < "$p" >/dev/null
+            echo "[build_llama_cpp] applied $(basename "$p")"
+        done
+        touch "$WORK/src.tmp/.patched"
+        rm -rf "$WORK/src" "$WORK/build"
+        mv "$WORK/src.tmp" "$WORK/src"
+    fi
+
+    # ---- configure
+    step "configure"
+    CMAKE_ARGS=(-G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_CURL=OFF
+                -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_COMMIT=$COMMIT -DLLAMA_BUILD_NUMBER=0 -DBUILD_SHARED_LIBS=OFF)
+    if [[ $WITH_CLI == 0 ]]; then CMAKE_ARGS+=(-DLLAMA_BUILD_SERVER=OFF); fi
+    case "$BACKEND" in
+        cpu) ;;
+        metal) CMAKE_ARGS+=(-DGGML_METAL=ON) ;;
+        cuda)
+            command -v nvcc >/dev/null || [[ -x /usr/local/cuda/bin/nvcc ]] || die "nvcc not found (install the CUDA toolkit)"
+            command -v nvcc >/dev/null || export PATH="/usr/local/cuda/bin:$PATH"
+            CUBLAS_DIR="$("$PYTHON" -c 'import nvidia.cublas, os; print(list(nvidia.cublas.__path__)[0])' 2>/dev/null || true)"
+            if [[ -z "$CUBLAS_DIR" ]]; then
+                echo "[build_llama_cpp] installing nvidia-cublas from PyPI"
+                "$PYTHON" -m pip install --quiet nvidia-cublas || die "could not install nvidia-cublas"
+                CUBLAS_DIR="$("$PYTHON" -c 'import nvidia.cublas, os; print(list(nvidia.cublas.__path__)[0])')"
+            fi
+            CUBLAS_LIB="$(ls "$CUBLAS_DIR"/lib/libcublas.so* | head -1)"
+            CUBLASLT_LIB="$(ls "$CUBLAS_DIR"/lib/libcublasLt.so* | head -1)"
+            [[ -n "$CUBLAS_LIB" && -n "$CUBLASLT_LIB" ]] || die "no libcublas in $CUBLAS_DIR/lib"
+            CMAKE_ARGS+=(-DGGML_CUDA=ON -DGGML_CUDA_NO_VMM=ON
+                         -DCUDA_cublas_LIBRARY="$CUBLAS_LIB" -DCUDA_cublasLt_LIBRARY="$CUBLASLT_LIB"
+                         -DCMAKE_CUDA_FLAGS="-I$CUBLAS_DIR/include" -DCMAKE_CXX_FLAGS="-I$CUBLAS_DIR/include"
+                         -DCMAKE_BUILD_RPATH="$CUBLAS_DIR/lib")
+            [[ -n "${CMAKE_CUDA_ARCHITECTURES:-}" ]] && CMAKE_ARGS+=(-DCMAKE_CUDA_ARCHITECTURES="$CMAKE_CUDA_ARCHITECTURES")
+            ;;
+    esac
+    # shellcheck disable=SC2206
+    [[ -n "${EXTRA_CMAKE_ARGS:-}" ]] && CMAKE_ARGS+=($EXTRA_CMAKE_ARGS)
+    cmake -S "$WORK/src" -B "$WORK/build" "${CMAKE_ARGS[@]}" > "$WORK/configure.log" 2>&1 \
+        || { tail -n 30 "$WORK/configure.log" >&2; die "cmake configure failed (full log: $WORK/configure.log)"; }
+
+    # ---- build
+    step "build (${TARGETS[*]}, $JOBS jobs)"
+    cmake --build "$WORK/build" --config Release -j "$JOBS" --target "${TARGETS[@]}" > "$WORK/build.log" 2>&1 \
+        || { grep -E "error|Error" "$WORK/build.log" | head -n 20 >&2; tail -n 10 "$WORK/build.log" >&2;
+             die "build failed (full log: $WORK/build.log)"; }
+    touch "$STAMP"
+fi
+
+# ---- install into the project
+step "copy to $OUT/bin"
+rm -rf "$OUT/bin.tmp"
+mkdir -p "$OUT/bin.tmp"
+for t in "${TARGETS[@]}"; do
+    cp "$WORK/build/bin/$t" "$OUT/bin.tmp/" || die "built binary $t missing in $WORK/build/bin"
+done
+# shared libraries, if a build was made with them anyway (EXTRA_CMAKE_ARGS=-DBUILD_SHARED_LIBS=ON)
+find "$WORK/build/bin" -maxdepth 1 \( -name '*.so*' -o -name '*.dylib' \) -exec cp -a {} "$OUT/bin.tmp/" \; 2>/dev/null || true
+rm -rf "$OUT/bin"
+mv "$OUT/bin.tmp" "$OUT/bin"
+{
+    echo "commit=$COMMIT"
+    echo "backend=$BACKEND"
+    echo "variant=$([[ $STOCK == 1 ]] && echo stock || echo patched)"
+    echo "patch_key=$PKEY"
+    for p in "${PATCHES[@]}"; do echo "patch=$(basename "$p")"; done
+    echo "work_dir=$WORK"
+} > "$OUT/BUILD_INFO"
+step ""
+echo "[build_llama_cpp] done in $((SECONDS - T_START)) s: $OUT/bin"
