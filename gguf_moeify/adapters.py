@@ -1,0 +1,75 @@
+"""Per-architecture facts, as data: where the weights of a decoder layer live in the HF checkpoint, which
+activation the MLP uses, and how llama.cpp wants the layer laid out (GGUF architecture, tensor names, Q/K rows).
+
+Adding an architecture means adding one ``Adapter`` entry below; nothing else in the package names an architecture.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import UserError
+
+# HF per-layer tensor (without ".weight"/".bias") -> GGUF per-layer tensor, shared by the llama-like families.
+_LLAMA_ATTN = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+@dataclass(frozen=True)
+class Adapter:
+    name: str
+    model_types: tuple[str, ...]        # HF config.model_type values handled here
+    gguf_arch: str                      # general.architecture of the written file (patched llama.cpp graph)
+    permute_qk: bool                    # llama.cpp "normal" rope: permute Q/K rows (see rope_layout.py)
+    layer_tensors: dict[str, str]       # HF per-layer module -> GGUF per-layer name (attention and norms)
+    note: str = ""
+    layer_prefix: str = "model.layers.{i}."
+    mlp_gate: str = "mlp.gate_proj"
+    mlp_up: str = "mlp.up_proj"
+    mlp_down: str = "mlp.down_proj"
+    activations: tuple[str, ...] = ("silu",)   # gated MLP activations this runtime graph implements
+    globals: dict[str, str] = field(default_factory=lambda: {
+        "model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"})
+
+    def mlp_names(self, layer: int) -> tuple[str, str, str]:
+        p = self.layer_prefix.format(i=layer)
+        return (f"{p}{self.mlp_gate}.weight", f"{p}{self.mlp_up}.weight", f"{p}{self.mlp_down}.weight")
+
+
+ADAPTERS: tuple[Adapter, ...] = (
+    Adapter("llama", ("llama", "mistral"), "llama", permute_qk=True, layer_tensors=_LLAMA_ATTN,
+            note="Llama, Mistral, SmolLM"),
+    # Qwen2 is Llama plus q/k/v biases; llama.cpp's llama graph loads those biases as optional tensors, so a
+    # Qwen2 MoE file is written as `llama` with Q/K (weights and biases) permuted for llama's rope.
+    Adapter("qwen2", ("qwen2",), "llama", permute_qk=True, layer_tensors=_LLAMA_ATTN, note="Qwen2, Qwen2.5"),
+    Adapter("qwen3", ("qwen3",), "qwen3", permute_qk=False,
+            layer_tensors={**_LLAMA_ATTN, "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"},
+            note="Qwen3 (Q/K norm, neox rope)"),
+)
+
+
+def supported_text() -> str:
+    return ", ".join(f"{a.name} ({a.note}; model_type {'/'.join(a.model_types)})" for a in ADAPTERS)
+
+
+def adapter_for(config: dict) -> Adapter:
+    """The adapter for an HF config.json, or one clear error naming what is supported."""
+    model_type = config.get("model_type", "?")
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            break
+    else:
+        raise UserError(f"unsupported architecture model_type={model_type!r} "
+                        f"({', '.join(config.get('architectures') or [])}); supported: {supported_text()}")
+    act = config.get("hidden_act") or config.get("hidden_activation")
+    if act not in adapter.activations:
+        raise UserError(f"unsupported MLP activation {act!r} for {model_type}: gated MLPs with "
+                        f"{'/'.join(adapter.activations)} are supported")
+    if config.get("mlp_bias"):
+        raise UserError(f"{model_type} with mlp_bias=true is not supported (expert tensors carry no biases)")
+    return adapter

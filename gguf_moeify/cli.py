@@ -1,0 +1,123 @@
+"""Command line: ``python -m gguf_moeify MODEL OUT.gguf [options]`` and the ``inspect``, ``eval``, ``demo-model``
+sub-commands. Every user error ends as one line on stderr and exit code 2; no traceback, no output file."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import UserError
+from .gguf_writer import OUTTYPES
+from .methods import METHOD_NAMES, MethodOptions
+
+COMMANDS = ("convert", "inspect", "eval", "demo-model")
+
+_EPILOG = """commands:
+  MODEL OUT.gguf [options]   convert (the default command; same as `convert MODEL OUT.gguf`)
+  inspect FILE.gguf          print a GGUF's MoE layout per layer
+  eval MODEL --text FILE     perplexity of dense vs converted in the torch reference
+  demo-model DIR             build the embedded SmolLM2-135M-Instruct as an HF folder (offline)
+Run `python -m gguf_moeify COMMAND --help` for each command's options."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _method_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default="mlpmoe", choices=METHOD_NAMES,
+                   help="conversion method (default: %(default)s)")
+    g.add_argument("--experts", "-E", type=int, default=8,
+                   help="total experts per layer, shared ones included; must divide the MLP's intermediate size "
+                        "(default: %(default)s)")
+    g.add_argument("--shared", "-S", type=int, default=0,
+                   help="experts merged into one always-on shared expert (default: %(default)s)")
+    g.add_argument("--top-k", "-K", type=int, default=None,
+                   help="routed experts used per token (default: the method's; mlpmoe: all routed experts)")
+    g.add_argument("--variant", default="slice", choices=("slice", "fractal-fade", "compensated-pruning"),
+                   help="mlpmoe: exact slicing, or a parameter-reducing variant (default: %(default)s)")
+    g.add_argument("--keep", type=float, default=None,
+                   help="mlpmoe variants: fraction of MLP neurons kept (default: 0.8 for the variants)")
+    g.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="working precision for reading and computing (default: %(default)s)")
+
+
+def _opts(args) -> MethodOptions:
+    return MethodOptions(experts=args.experts, shared=args.shared, top_k=args.top_k, variant=args.variant,
+                         keep=args.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m gguf_moeify",
+                                description="Turn a dense Hugging Face LLM into a mixture-of-experts GGUF for "
+                                            "llama.cpp, without training.",
+                                epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="convert MODEL to an MoE GGUF")
+    c.add_argument("model", metavar="MODEL", help="HF model folder (config.json + *.safetensors) or hub id (online)")
+    c.add_argument("out", metavar="OUT.gguf", help="output file; written via a temporary file and renamed at the end")
+    _method_args(c)
+    c.add_argument("--outtype", default="f16", choices=OUTTYPES,
+                   help="tensor type: f32/f16/bf16, q8_0/q4_0 (gguf-py), k-quants via llama-quantize "
+                        "(needs scripts/build_llama_cpp.sh) (default: %(default)s)")
+    c.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+    i = sub.add_parser("inspect", help="print the MoE layout of a GGUF per layer")
+    i.add_argument("file", metavar="FILE.gguf")
+
+    e = sub.add_parser("eval", help="perplexity of dense vs MoE in the torch reference (llama-perplexity protocol)")
+    e.add_argument("model", metavar="MODEL")
+    e.add_argument("--text", required=True, help="UTF-8 text file to score")
+    e.add_argument("--ctx", type=int, default=512, help="window length in tokens; the second half of each "
+                                                        "window is scored (default: %(default)s)")
+    e.add_argument("--chunks", type=int, default=None, help="at most this many windows (default: all)")
+    e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    _method_args(e)
+
+    d = sub.add_parser("demo-model", help="write the embedded SmolLM2-135M-Instruct as an HF folder")
+    d.add_argument("dir", metavar="DIR")
+    return p
+
+
+def _run(args) -> int:
+    if args.command == "convert":
+        from .convert import convert
+        out = convert(args.model, args.out, args.method, _opts(args), args.outtype, args.dtype,
+                      progress=not args.quiet)
+        print(f"wrote {out}")
+    elif args.command == "inspect":
+        from .inspect_gguf import inspect_gguf
+        print(inspect_gguf(args.file))
+    elif args.command == "eval":
+        from .eval_cmd import evaluate_model
+        res = evaluate_model(args.model, args.text, args.method, _opts(args), args.dtype, args.ctx, args.chunks)
+        if args.json:
+            print(json.dumps(res, sort_keys=True))
+        else:
+            print(f"dense ppl {res['dense']['ppl']:.4f}   {args.method} ppl {res['moe']['ppl']:.4f}   "
+                  f"ratio {res['ratio']:.5f}   active fraction {res['active_fraction']:.3f}   "
+                  f"({res['moe']['n_chunks']} windows of {args.ctx}, {res['moe']['n_scored']} tokens scored)")
+    elif args.command == "demo-model":
+        from .demo_model import build_smollm2_folder
+        print(f"wrote {build_smollm2_folder(args.dir)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        argv.insert(0, "convert")
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,74 @@
+"""The conversion pipeline: checkpoint -> per-layer MoEPlans -> GGUF (temp file, renamed at the end)."""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from . import __version__
+from .adapters import Adapter, adapter_for
+from .checkpoint import Checkpoint
+from .errors import UserError
+from .gguf_writer import KQUANT_OUTTYPES, OUTTYPES, output_temp_path, write_gguf
+from .methods import MethodOptions, get_method
+from .plan import MoEPlan
+
+
+def make_plans(ckpt: Checkpoint, adapter: Adapter, method_name: str, opts: MethodOptions,
+               progress: bool = True) -> list[MoEPlan]:
+    """One plan per decoder layer; only that layer's MLP weights are in memory at a time."""
+    method = get_method(method_name)
+    method.validate(opts, ckpt.d_ff)
+    plans = []
+    for i in tqdm(range(ckpt.n_layers), desc=f"planning {method_name}", unit="layer", disable=not progress):
+        gate, up, down = (ckpt.get(n) for n in adapter.mlp_names(i))
+        plans.append(method.plan_layer(i, gate, up, down, opts))
+        del gate, up, down
+    return plans
+
+
+def provenance(ckpt: Checkpoint, method: str, opts: MethodOptions, outtype: str, dtype: str) -> dict:
+    source = ckpt.config.get("_name_or_path") or ckpt.path.name
+    return {"tool": "gguf_moeify", "version": __version__, "source_model": str(source),
+            "source_model_type": ckpt.config.get("model_type"), "method": method, "options": asdict(opts),
+            "outtype": outtype, "dtype": dtype}
+
+
+def convert(model: str, out: str | os.PathLike, method: str = "mlpmoe", opts: MethodOptions | None = None,
+            outtype: str = "f16", dtype: str = "float32", progress: bool = True) -> Path:
+    opts = opts or MethodOptions()
+    if outtype not in OUTTYPES:
+        raise UserError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"output {out} is a folder; give a file name such as {out / 'model-moe.gguf'}")
+    ckpt = Checkpoint(model, dtype)
+    adapter = adapter_for(ckpt.config)
+    get_method(method).validate(opts, ckpt.d_ff)
+    tmp = output_temp_path(out)
+    try:
+        plans = make_plans(ckpt, adapter, method, opts, progress)
+        float_type = "f16" if outtype in KQUANT_OUTTYPES else outtype
+        fallbacks = write_gguf(tmp, ckpt, adapter, plans, float_type, provenance(ckpt, method, opts, outtype, dtype),
+                               progress)
+        if fallbacks:
+            print(f"note: {len(fallbacks)} tensors kept at f16 (last dimension not a multiple of 32), "
+                  f"e.g. {fallbacks[0]}", file=sys.stderr)
+        if outtype in KQUANT_OUTTYPES:
+            from .llama_cpp import find_llama_cpp
+            quantized = tmp.with_name(tmp.name + ".q")
+            try:
+                find_llama_cpp().quantize(tmp, quantized, outtype.upper())
+                os.replace(quantized, tmp)
+            finally:
+                quantized.unlink(missing_ok=True)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the user's usual mode
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out

@@ -1,0 +1,30 @@
+"""``eval``: dense vs converted perplexity in the torch reference, one model in memory (swapped in place)."""
+from __future__ import annotations
+
+from .adapters import adapter_for
+from .checkpoint import Checkpoint
+from .convert import make_plans
+from .evaluate import perplexity, read_text, tokenize_for_ppl
+from .methods import MethodOptions
+from .reference import load_dense, logits_fn, moeify_
+
+
+def add_bos_of(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "add_bos_token", False)) and tokenizer.bos_token_id is not None
+
+
+def evaluate_model(model: str, text_file: str, method: str, opts: MethodOptions, dtype: str = "float32",
+                   ctx: int = 512, chunks: int | None = None) -> dict:
+    ckpt = Checkpoint(model, dtype)
+    adapter = adapter_for(ckpt.config)
+    text = read_text(text_file)
+    plans = make_plans(ckpt, adapter, method, opts)
+    hf, tok = load_dense(ckpt)
+    bos = tok.bos_token_id if add_bos_of(tok) else None
+    tokens = tokenize_for_ppl(tok, text, bos is not None)
+    dense = perplexity(logits_fn(hf), tokens, ctx, chunks, bos, desc="dense")
+    moeify_(hf, adapter, plans)
+    moe = perplexity(logits_fn(hf), tokens, ctx, chunks, bos, desc=method)
+    active = sum(p.active_fraction() for p in plans) / len(plans)
+    return {"dense": dense.as_dict(), "moe": moe.as_dict(), "ratio": moe.ppl / dense.ppl,
+            "active_fraction": active, "method": method, "plan": plans[0].summary()}

@@ -1,0 +1,254 @@
+"""Write a converted model as GGUF in llama.cpp's MoE layout, streaming one decoder layer at a time.
+
+Tensor infos are computed from the plans and the checkpoint's shapes first (gguf-py needs them before any data),
+then each layer's weights are read, split into experts, quantized and written, and freed. The file is written
+under a temporary name in the target folder and renamed at the end: a failed run leaves no output file.
+
+Types: 1-D tensors (norms, biases) and router tensors stay f32 (llama.cpp never quantizes ffn_gate_inp); other
+weights take --outtype. q8_0/q4_0 need a last dimension that is a multiple of 32: a tensor that is not falls back
+to f16 (reported). In q4_0 files the token embedding and output projection are kept at q8_0, as llama-quantize
+keeps the output at a higher precision.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .adapters import Adapter
+from .checkpoint import Checkpoint
+from .errors import UserError
+from .plan import ROUTER_TYPE_IDS, MoEPlan, expert_tensors
+from .rope_layout import permute_qk
+from .vocab import converter_keys
+
+FLOAT_OUTTYPES = ("f32", "f16", "bf16")
+NUMPY_QUANT_OUTTYPES = ("q8_0", "q4_0")
+KQUANT_OUTTYPES = ("q4_k_m", "q5_k_m", "q6_k", "q3_k_m", "q2_k", "q4_k_s", "q5_k_s")
+OUTTYPES = FLOAT_OUTTYPES + NUMPY_QUANT_OUTTYPES + KQUANT_OUTTYPES
+
+# GGUF names for each router tensor of each router kind (patched runtime; see patches/README.md)
+ROUTER_TENSOR_NAMES = {
+    "linear": {"weight": "ffn_gate_inp.weight"},
+    "cmoe": {"gate": "ffn_gate_inp.weight", "up": "ffn_up_inp.weight"},
+    "mlp": {"w1": "ffn_gate_inp.weight", "b1": "ffn_gate_inp.bias",
+            "w2": "ffn_gate_inp_out.weight", "b2": "ffn_gate_inp_out.bias"},
+}
+
+_EXPERT_GGUF = {"gate_exps": "ffn_gate_exps", "up_exps": "ffn_up_exps", "down_exps": "ffn_down_exps",
+                "gate_shexp": "ffn_gate_shexp", "up_shexp": "ffn_up_shexp", "down_shexp": "ffn_down_shexp"}
+
+
+def _qtype(outtype: str):
+    import gguf
+    T = gguf.GGMLQuantizationType
+    return {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[outtype]
+
+
+def file_type(outtype: str) -> int:
+    import gguf
+    F = gguf.LlamaFileType
+    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0,
+            "q4_0": F.MOSTLY_Q4_0}[outtype].value
+
+
+@dataclass
+class Entry:
+    name: str
+    shape: tuple[int, ...]     # numpy shape of the float tensor
+    qtype: object              # gguf.GGMLQuantizationType
+    produce: Callable[[], np.ndarray]
+
+
+class TensorPlanner:
+    """Decides every tensor of the output file (name, shape, type) and how to produce its data lazily."""
+
+    def __init__(self, ckpt: Checkpoint, adapter: Adapter, plans: list[MoEPlan], outtype: str):
+        import gguf
+        self.ckpt, self.adapter, self.plans, self.outtype = ckpt, adapter, plans, outtype
+        self.T = gguf.GGMLQuantizationType
+        self.base = _qtype(outtype)
+        self.fallbacks: list[str] = []
+        self.tied = not ckpt.has("lm_head.weight") or bool(ckpt.config.get("tie_word_embeddings", False))
+        self._memo: tuple[int, dict] | None = None
+        cfg = ckpt.config
+        self.n_head = int(cfg["num_attention_heads"])
+        self.n_head_kv = int(cfg.get("num_key_value_heads") or self.n_head)
+
+    def _type_for(self, name: str, shape: tuple[int, ...], base=None) -> object:
+        base = base or self.base
+        if len(shape) == 1:
+            return self.T.F32
+        if base in (self.T.Q8_0, self.T.Q4_0) and shape[-1] % 32:
+            self.fallbacks.append(name)
+            return self.T.F16
+        return base
+
+    def _hf(self, name: str) -> Callable[[], np.ndarray]:
+        return lambda: self.ckpt.get(name, torch.float32).numpy()
+
+    def _layer_experts(self, i: int) -> dict:
+        if self._memo is None or self._memo[0] != i:
+            self._memo = None  # free the previous layer first
+            gate, up, down = (self.ckpt.get(n, torch.float32) for n in self.adapter.mlp_names(i))
+            self._memo = (i, {k: v.numpy() for k, v in expert_tensors(self.plans[i], gate, up, down).items()})
+        return self._memo[1]
+
+    def entries(self) -> list[Entry]:
+        ck, ad = self.ckpt, self.adapter
+        out: list[Entry] = []
+        emb = ck.shape("model.embed_tokens.weight")
+        head_type = self.T.Q8_0 if self.base == self.T.Q4_0 else self.base
+        out.append(Entry("token_embd.weight", emb, self._type_for("token_embd.weight", emb,
+                         head_type if self.tied else None), self._hf("model.embed_tokens.weight")))
+        for i, plan in enumerate(self.plans):
+            prefix = ad.layer_prefix.format(i=i)
+            for hf_mod, gg in ad.layer_tensors.items():
+                for suffix in ("weight", "bias"):
+                    hf_name = f"{prefix}{hf_mod}.{suffix}"
+                    if not ck.has(hf_name):
+                        if suffix == "weight":
+                            raise UserError(f"{ck.path}: tensor {hf_name} missing from the checkpoint")
+                        continue
+                    produce = self._hf(hf_name)
+                    if ad.permute_qk and gg in ("attn_q", "attn_k"):
+                        heads = self.n_head if gg == "attn_q" else self.n_head_kv
+                        produce = (lambda p, h: lambda: permute_qk(p(), h))(produce, heads)
+                    shape = ck.shape(hf_name)
+                    name = f"blk.{i}.{gg}.{suffix}"
+                    out.append(Entry(name, shape, self._type_for(name, shape), produce))
+            for key, gg in ROUTER_TENSOR_NAMES[plan.router.kind].items():
+                arr = plan.router.tensors[key]
+                out.append(Entry(f"blk.{i}.{gg}", arr.shape, self.T.F32, (lambda a: lambda: a)(arr)))
+            d = ck.n_embd
+            shapes = {"gate_exps": (plan.n_experts, plan.expert_width, d),
+                      "up_exps": (plan.n_experts, plan.expert_width, d),
+                      "down_exps": (plan.n_experts, d, plan.expert_width)}
+            if plan.shared_width:
+                shapes.update(gate_shexp=(plan.shared_width, d), up_shexp=(plan.shared_width, d),
+                              down_shexp=(d, plan.shared_width))
+            for key, shape in shapes.items():
+                name = f"blk.{i}.{_EXPERT_GGUF[key]}.weight"
+                out.append(Entry(name, shape, self._type_for(name, shape),
+                                 (lambda i, key: lambda: self._layer_experts(i)[key])(i, key)))
+        norm = ck.shape("model.norm.weight")
+        out.append(Entry("output_norm.weight", norm, self.T.F32, self._hf("model.norm.weight")))
+        if not self.tied:
+            shape = ck.shape("lm_head.weight")
+            out.append(Entry("output.weight", shape, self._type_for("output.weight", shape, head_type),
+                             self._hf("lm_head.weight")))
+        return out
+
+
+def _encode(arr: np.ndarray, qtype) -> np.ndarray:
+    import gguf
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return arr
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return arr.astype(np.float16)
+    return gguf.quants.quantize(arr, qtype)
+
+
+def _encoded_layout(shape: tuple[int, ...], qtype) -> tuple[np.dtype, tuple[int, ...]]:
+    """dtype and shape of what :func:`_encode` returns, known before any data is read."""
+    import gguf
+    T = gguf.GGMLQuantizationType
+    if qtype == T.F32:
+        return np.dtype(np.float32), tuple(shape)
+    if qtype == T.F16:
+        return np.dtype(np.float16), tuple(shape)
+    return np.dtype(np.uint8), tuple(gguf.quants.quant_shape_to_byte_shape(shape, qtype))
+
+
+def check_plans_uniform(plans: list[MoEPlan]) -> None:
+    """llama.cpp reads one expert count/width/shared width per file: every layer must agree."""
+    first = plans[0]
+    for p in plans[1:]:
+        if (p.n_experts, p.expert_width, p.shared_width, p.router.kind) != \
+                (first.n_experts, first.expert_width, first.shared_width, first.router.kind):
+            raise ValueError(f"layer {p.layer} has a different expert layout than layer 0")
+
+
+def _copy_key(writer, key: str, value, types: list) -> None:
+    import gguf
+    vt = gguf.GGUFValueType
+    if types[0] == vt.ARRAY:
+        writer.add_key_value(key, value, vt.ARRAY, sub_type=types[1] if len(types) > 1 else None)
+    else:
+        writer.add_key_value(key, value, types[0])
+
+
+def output_temp_path(out: Path) -> Path:
+    """Create (and so check) the temporary output file next to ``out``; a clear error if the folder is unwritable."""
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserError(f"cannot write {out}: folder {folder} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{out.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise UserError(f"cannot write {out}: {exc.strerror or exc}")
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_gguf(out_tmp: Path, ckpt: Checkpoint, adapter: Adapter, plans: list[MoEPlan], outtype: str,
+               provenance: dict, progress: bool = True) -> list[str]:
+    """Write the GGUF to ``out_tmp``; returns the names of tensors that fell back to f16."""
+    import gguf
+    check_plans_uniform(plans)
+    conv_arch, conv_keys = converter_keys(ckpt.path)
+    arch = adapter.gguf_arch
+    writer = gguf.GGUFWriter(str(out_tmp), arch)
+    skip = {"general.architecture", "general.file_type", "general.quantization_version"}
+    for key, value, types in conv_keys:
+        if key in skip:
+            continue
+        if key.startswith(conv_arch + "."):
+            key = arch + key[len(conv_arch):]
+        elif not key.startswith(("general.", "tokenizer.")):
+            continue
+        _copy_key(writer, key, value, types)
+    p0 = plans[0]
+    writer.add_expert_count(p0.n_experts)
+    writer.add_expert_used_count(p0.top_k)
+    writer.add_expert_feed_forward_length(p0.expert_width)
+    writer.add_expert_shared_feed_forward_length(p0.shared_width)
+    writer.add_uint32(f"{arch}.expert_shared_count", 1 if p0.shared_width else 0)
+    writer.add_uint32(f"{arch}.expert_router_type", ROUTER_TYPE_IDS[p0.router.kind])
+    writer.add_bool(f"{arch}.expert_weights_unit", True)
+    writer.add_file_type(file_type(outtype))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_string("gguf_moeify.provenance", json.dumps(provenance, sort_keys=True))
+    writer.add_string("gguf_moeify.plan", json.dumps([p.summary() for p in plans], sort_keys=True))
+
+    planner = TensorPlanner(ckpt, adapter, plans, outtype)
+    entries = planner.entries()
+    for e in entries:
+        dtype, shape = _encoded_layout(e.shape, e.qtype)
+        writer.add_tensor_info(e.name, shape, dtype, int(np.prod(shape)) * dtype.itemsize, raw_dtype=e.qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    layer_of = lambda name: int(name.split(".")[1]) if name.startswith("blk.") else None  # noqa: E731
+    bar = tqdm(total=len(plans), desc=f"writing {outtype}", unit="layer", disable=not progress)
+    last = None
+    for e in entries:
+        data = _encode(e.produce(), e.qtype)
+        if data.shape != _encoded_layout(e.shape, e.qtype)[1]:
+            raise RuntimeError(f"{e.name}: produced shape {data.shape} does not match {e.shape}")
+        writer.write_tensor_data(data)
+        layer = layer_of(e.name)
+        if layer is not None and layer != last:
+            bar.update(1)
+            last = layer
+    bar.close()
+    writer.close()
+    return planner.fallbacks

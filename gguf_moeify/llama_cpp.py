@@ -1,0 +1,240 @@
+"""Run the llama.cpp tools built by ``scripts/build_llama_cpp.sh`` and parse what they print.
+
+Two builds live in the project folder: the patched runtime (``build/llama-cpp/bin``, patches/ applied: unit expert
+weights, shared experts, router types) and stock llama.cpp (``build/llama-cpp-stock/bin``). ``find_llama_cpp`` finds
+one of them (``GGUF_MOEIFY_LLAMA_BIN`` / ``GGUF_MOEIFY_LLAMA_STOCK_BIN`` override the folder) and returns a
+``LlamaCppTools`` whose methods run the binaries in a subprocess:
+
+- ``perplexity`` (llama-perplexity): running per-chunk estimates, the final estimate, and optionally the logits
+  saved for a later KL-divergence run; ``kl_divergence`` compares a model with such saved logits.
+- ``bench`` (llama-bench ``-o json``), ``quantize`` (llama-quantize), ``completion`` (llama-completion, greedy,
+  non-interactive).
+
+No torch here: this module is used by the CLI's evaluation and by the runtime tests.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .errors import UserError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+BUILD_SCRIPT = "bash scripts/build_llama_cpp.sh"
+
+VARIANTS = {
+    # variant: (env override, folder under the project, build command)
+    "patched": ("GGUF_MOEIFY_LLAMA_BIN", PROJECT_ROOT / "build" / "llama-cpp" / "bin", BUILD_SCRIPT),
+    "stock": ("GGUF_MOEIFY_LLAMA_STOCK_BIN", PROJECT_ROOT / "build" / "llama-cpp-stock" / "bin",
+              BUILD_SCRIPT + " --stock"),
+}
+
+_EXE = ".exe" if os.name == "nt" else ""
+_NUM = r"[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|inf)"
+_CHUNK_RE = re.compile(r"\[(\d+)\](" + _NUM + r")")
+_FINAL_RE = re.compile(r"Final estimate: PPL = (" + _NUM + r") \+/- (" + _NUM + r")")
+_KLD_RE = re.compile(r"Mean\s+KLD:\s*(" + _NUM + r")\s*±\s*(" + _NUM + r")")
+_TOP_P_RE = re.compile(r"Same top p:\s*(" + _NUM + r")\s*±\s*(" + _NUM + r")\s*%")
+_PPL_Q_RE = re.compile(r"Mean PPL\(Q\)\s*:\s*(" + _NUM + r")\s*±\s*(" + _NUM + r")")
+_PPL_BASE_RE = re.compile(r"Mean PPL\(base\)\s*:\s*(" + _NUM + r")\s*±\s*(" + _NUM + r")")
+
+
+@dataclass
+class PerplexityResult:
+    """What llama-perplexity printed. ``chunk_ppls[i]`` is the running estimate after chunk i+1 (as printed
+    ``[i+1]x.xxxx``), so ``chunk_ppls[-1]`` equals the final estimate up to the 4 printed decimals."""
+    final_ppl: float
+    chunk_ppls: list[float]
+    n_chunks: int
+    raw_output: str
+    final_ppl_err: float | None = None  # "+/- y" of the final estimate, when that line was printed
+
+
+@dataclass
+class KLDivergenceResult:
+    """A ``--kl-divergence`` run against logits saved by a base run (``perplexity(..., save_logits=...)``)."""
+    mean_kld: float
+    mean_kld_err: float
+    same_top_p: float  # fraction (0..1) of tokens where both models have the same top token
+    same_top_p_err: float
+    ppl: float | None  # Mean PPL(Q): the compared model
+    ppl_base: float | None  # Mean PPL(base)
+    chunk_ppls: list[float] = field(default_factory=list)
+    raw_output: str = ""
+
+
+def _float(s: str) -> float:
+    return float(s.replace("+", "")) if s.lower() not in ("nan", "-nan", "inf", "-inf") else float(s.lower())
+
+
+def parse_perplexity_output(stdout: str, stderr: str = "") -> PerplexityResult:
+    """Parse llama-perplexity's output: per-chunk ``[N]x`` values (stdout) and the final estimate (stderr)."""
+    chunks: dict[int, float] = {}
+    for m in _CHUNK_RE.finditer(stdout):
+        chunks[int(m.group(1))] = _float(m.group(2))
+    chunk_ppls = [chunks[k] for k in sorted(chunks)]
+    final = _FINAL_RE.search(stderr) or _FINAL_RE.search(stdout)
+    if final:
+        final_ppl, final_err = _float(final.group(1)), _float(final.group(2))
+    elif chunk_ppls:
+        final_ppl, final_err = chunk_ppls[-1], None
+    else:
+        raise UserError("llama-perplexity printed no perplexity values; its output ends with:\n"
+                        + _tail(stdout + "\n" + stderr))
+    return PerplexityResult(final_ppl=final_ppl, chunk_ppls=chunk_ppls, n_chunks=len(chunk_ppls),
+                            raw_output=stdout + stderr, final_ppl_err=final_err)
+
+
+def parse_kl_divergence_output(stdout: str, stderr: str = "") -> KLDivergenceResult:
+    text = stdout + "\n" + stderr
+    kld = _KLD_RE.search(text)
+    top_p = _TOP_P_RE.search(text)
+    if not kld or not top_p:
+        raise UserError("llama-perplexity --kl-divergence printed no KL-divergence statistics; its output ends with:\n"
+                        + _tail(text))
+    ppl_q, ppl_base = _PPL_Q_RE.search(text), _PPL_BASE_RE.search(text)
+    return KLDivergenceResult(
+        mean_kld=_float(kld.group(1)), mean_kld_err=_float(kld.group(2)),
+        same_top_p=_float(top_p.group(1)) / 100.0, same_top_p_err=_float(top_p.group(2)) / 100.0,
+        ppl=_float(ppl_q.group(1)) if ppl_q else None, ppl_base=_float(ppl_base.group(1)) if ppl_base else None,
+        raw_output=text)
+
+
+def _tail(text: str, n: int = 15) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return "\n".join(lines[-n:])
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class LlamaCppTools:
+    """The llama.cpp binaries in ``bin_dir`` (one build: patched or stock)."""
+    bin_dir: Path
+    variant: str = "patched"
+    timeout: float | None = None  # seconds per tool run; None = no limit
+
+    def tool(self, name: str) -> Path:
+        path = self.bin_dir / (name + _EXE)
+        if not path.is_file():
+            _, _, build = VARIANTS.get(self.variant, VARIANTS["patched"])
+            raise UserError(f"llama.cpp tool {name} not found in {self.bin_dir}; build it with: {build}")
+        return path
+
+    def has(self, name: str) -> bool:
+        return (self.bin_dir / (name + _EXE)).is_file()
+
+    def run(self, name: str, args: Sequence[str | os.PathLike]) -> subprocess.CompletedProcess:
+        """Run a tool; on failure raise UserError with the last lines of its stderr."""
+        cmd = [str(self.tool(name))] + [str(a) for a in args]
+        try:
+            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  errors="replace", timeout=self.timeout)
+        except subprocess.TimeoutExpired as e:
+            raise UserError(f"{name} did not finish within {self.timeout} s: {' '.join(cmd)}") from e
+        if proc.returncode != 0:
+            raise UserError(f"{name} failed (exit code {proc.returncode}): {' '.join(cmd)}\n"
+                            + _tail(proc.stderr or proc.stdout))
+        return proc
+
+    # ---- llama-perplexity
+    def _ppl_args(self, model, ctx, chunks, threads, batch) -> list[str]:
+        args = ["-m", str(model), "-c", str(ctx), "-t", str(threads or _default_threads()),
+                "-b", str(batch or ctx), "-ub", str(batch or ctx), "-fit", "off", "-ngl", "0"]
+        if chunks is not None:
+            args += ["--chunks", str(chunks)]
+        return args
+
+    def perplexity(self, model, text_file, ctx: int = 512, chunks: int | None = None, threads: int | None = None,
+                   batch: int | None = None, extra: Sequence[str] = (),
+                   save_logits: str | os.PathLike | None = None) -> PerplexityResult:
+        """Perplexity of ``model`` on ``text_file`` in windows of ``ctx`` tokens (llama.cpp scores the second half
+        of each window). ``save_logits``: also write the logits there (``--kl-divergence-base``) for a later
+        ``kl_divergence`` run. The text must hold at least 2*ctx tokens."""
+        args = self._ppl_args(model, ctx, chunks, threads, batch) + ["-f", str(text_file)]
+        if save_logits is not None:
+            args += ["--kl-divergence-base", str(save_logits)]
+        proc = self.run("llama-perplexity", args + list(extra))
+        return parse_perplexity_output(proc.stdout, proc.stderr)
+
+    def kl_divergence(self, model, base_logits, ctx: int = 512, chunks: int | None = None,
+                      threads: int | None = None, batch: int | None = None,
+                      extra: Sequence[str] = ()) -> KLDivergenceResult:
+        """KL divergence of ``model`` against logits saved by ``perplexity(base_model, ..., save_logits=...)``
+        (same ctx; the tokens come from the saved file)."""
+        args = self._ppl_args(model, ctx, chunks, threads, batch)
+        args += ["--kl-divergence-base", str(base_logits), "--kl-divergence"]
+        proc = self.run("llama-perplexity", args + list(extra))
+        result = parse_kl_divergence_output(proc.stdout, proc.stderr)
+        result.chunk_ppls = [_float(m.group(2)) for m in re.finditer(r"^\s*(\d+)\s+(" + _NUM + r")\s+±",
+                                                                     proc.stdout, re.M)]
+        return result
+
+    # ---- llama-bench
+    def bench(self, model, n_prompt: int = 512, n_gen: int = 128, threads: int | None = None, reps: int = 5,
+              extra: Sequence[str] = ()) -> list[dict]:
+        """llama-bench results (its ``-o json`` list: one entry per test, with avg_ts / stddev_ts tokens/s)."""
+        args = ["-m", str(model), "-p", str(n_prompt), "-n", str(n_gen), "-t", str(threads or _default_threads()),
+                "-r", str(reps), "-ngl", "0", "-o", "json"]
+        proc = self.run("llama-bench", args + list(extra))
+        start = proc.stdout.find("[")
+        try:
+            return json.loads(proc.stdout[start:] if start >= 0 else proc.stdout)
+        except json.JSONDecodeError as e:
+            raise UserError("llama-bench printed no JSON; its output ends with:\n"
+                            + _tail(proc.stdout + proc.stderr)) from e
+
+    # ---- llama-quantize
+    def quantize(self, src, dst, qtype: str, threads: int | None = None, extra: Sequence[str] = ()) -> Path:
+        """Quantize ``src`` to ``dst`` as ``qtype`` (e.g. Q4_K_M, Q8_0). Router tensors (ffn_gate_inp*) stay f32:
+        llama-quantize never quantizes them."""
+        args = list(extra) + [str(src), str(dst), qtype, str(threads or _default_threads())]
+        self.run("llama-quantize", args)
+        if not Path(dst).is_file():
+            raise UserError(f"llama-quantize wrote no {dst}")
+        return Path(dst)
+
+    # ---- llama-completion
+    def completion(self, model, prompt: str, n_predict: int = 32, seed: int = 0, temp: float = 0.0,
+                   threads: int | None = None, ctx: int | None = None, extra: Sequence[str] = ()) -> str:
+        """Greedy (temp 0), non-interactive generation; returns the generated text only (no prompt)."""
+        args = ["-m", str(model), "-p", prompt, "-n", str(n_predict), "-s", str(seed), "--temp", str(temp),
+                "-t", str(threads or _default_threads()), "-no-cnv", "--no-display-prompt", "--simple-io",
+                "-fit", "off", "-ngl", "0", "--no-warmup"]
+        if ctx is not None:
+            args += ["-c", str(ctx)]
+        proc = self.run("llama-completion", args + list(extra))
+        out = proc.stdout
+        for marker in (" [end of text]", "[end of text]"):
+            if out.rstrip().endswith(marker):
+                out = out.rstrip()[: -len(marker)]
+                break
+        return out.rstrip("\n")
+
+
+def find_llama_cpp(variant: str = "patched") -> LlamaCppTools:
+    """The patched (default) or stock llama.cpp build, or a UserError that says how to build it."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, not {variant!r}")
+    env, default, build = VARIANTS[variant]
+    bin_dir = Path(os.environ[env]).expanduser() if os.environ.get(env) else default
+    if not (bin_dir / ("llama-perplexity" + _EXE)).is_file():
+        raise UserError(f"llama.cpp build not found in {bin_dir}; build it with: {build}")
+    return LlamaCppTools(bin_dir=bin_dir.resolve(), variant=variant)
+
+
+def relative_difference(a: float, b: float) -> float:
+    """|a-b| / max(|a|, |b|), 0 when both are 0 (a helper for comparing perplexities)."""
+    m = max(abs(a), abs(b))
+    return 0.0 if m == 0 else abs(a - b) / m if math.isfinite(m) else float("inf")

@@ -1,0 +1,53 @@
+"""Conversion methods. Each is one module with ``plan_layer(layer, gate, up, down, opts, stats) -> MoEPlan``;
+this registry is the only place that lists them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+
+
+@dataclass
+class MethodOptions:
+    experts: int = 8            # E: total experts, shared ones included (CMoE's z)
+    shared: int = 0             # S: experts merged into the always-on shared expert (CMoE's x)
+    top_k: int | None = None    # routed experts per token (CMoE's y); None = the method's default
+    variant: str = "slice"      # MLPMoE: slice | fractal-fade | compensated-pruning
+    keep: float | None = None   # MLPMoE variants: fraction of MLP neurons kept
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def routed(self) -> int:
+        return self.experts - self.shared
+
+
+def _registry():
+    from . import mlpmoe
+    return {"mlpmoe": mlpmoe}
+
+
+METHOD_NAMES = ("mlpmoe",)
+
+
+def get_method(name: str):
+    methods = _registry()
+    if name not in methods:
+        raise UserError(f"unknown --method {name!r}; available: {', '.join(methods)}")
+    return methods[name]
+
+
+def check_common(opts: MethodOptions, d_ff: int) -> None:
+    """Checks every method shares: expert counts, shared experts, top-k, divisibility of d_ff."""
+    if opts.experts < 1:
+        raise UserError(f"--experts must be >= 1, got {opts.experts}")
+    if opts.shared < 0 or opts.shared >= opts.experts:
+        raise UserError(f"--shared {opts.shared} must be >= 0 and < --experts {opts.experts} "
+                        f"(at least one routed expert is needed)")
+    if d_ff % opts.experts:
+        near = sorted({e for e in range(1, min(d_ff, 4 * opts.experts) + 1) if d_ff % e == 0},
+                      key=lambda e: abs(e - opts.experts))[:4]
+        raise UserError(f"--experts {opts.experts} does not divide the intermediate size {d_ff}; "
+                        f"try one of {', '.join(map(str, sorted(near)))}")
+    if opts.top_k is not None and not 1 <= opts.top_k <= opts.routed:
+        raise UserError(f"--top-k {opts.top_k} must be between 1 and the number of routed experts {opts.routed} "
+                        f"(= --experts {opts.experts} - --shared {opts.shared})")

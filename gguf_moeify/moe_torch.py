@@ -1,0 +1,65 @@
+"""The torch MoE MLP built from a MoEPlan: exactly the math the patched llama.cpp graph computes.
+
+scores = router(x); the top_k experts by score are chosen; their SwiGLU outputs are summed with weight 1;
+the shared expert (if any) is always added with weight 1.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .plan import MoEPlan, expert_tensors
+
+ACTIVATIONS = {"silu": F.silu}
+
+
+def router_scores(kind: str, t: dict[str, torch.Tensor], x: torch.Tensor, act=F.silu) -> torch.Tensor:
+    if kind == "linear":
+        return x @ t["weight"].t()
+    if kind == "cmoe":
+        return ((x @ t["up"].t()) * act(x @ t["gate"].t())).abs()
+    if kind == "mlp":
+        return torch.tanh(x @ t["w1"].t() + t["b1"]) @ t["w2"].t() + t["b2"]
+    raise ValueError(kind)
+
+
+class MoEMLP(nn.Module):
+    def __init__(self, plan: MoEPlan, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act: str = "silu"):
+        super().__init__()
+        self.plan = plan
+        self.act = ACTIVATIONS[act]
+        self.top_k = plan.top_k
+        self.router_kind = plan.router.kind
+        for name, w in expert_tensors(plan, gate, up, down).items():
+            self.register_buffer(name, w, persistent=False)
+        self.router = {k: torch.as_tensor(v, dtype=gate.dtype) for k, v in plan.router.tensors.items()}
+        self.has_shared = plan.shared_width > 0
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(x @ self.gate_exps[e].t()) * (x @ self.up_exps[e].t())
+        return h @ self.down_exps[e].t()
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, top_k) indices of the chosen experts for each row of x."""
+        scores = router_scores(self.router_kind, self.router, x, self.act)
+        return torch.topk(scores, self.top_k, dim=-1).indices
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        out = torch.zeros_like(x)
+        n_exp = self.gate_exps.shape[0]
+        if self.top_k == n_exp:
+            for e in range(n_exp):
+                out += self._expert(e, x)
+        else:
+            chosen = torch.zeros(x.shape[0], n_exp, dtype=torch.bool, device=x.device)
+            chosen.scatter_(1, self.select(x), True)
+            for e in range(n_exp):
+                rows = chosen[:, e].nonzero().squeeze(-1)
+                if rows.numel():
+                    out.index_add_(0, rows, self._expert(e, x[rows]))
+        if self.has_shared:
+            out += (self.act(x @ self.gate_shexp.t()) * (x @ self.up_shexp.t())) @ self.down_shexp.t()
+        return out.reshape(shape)

@@ -1,0 +1,100 @@
+"""MoEPlan: the one object every method produces and everything downstream (torch reference, GGUF writer,
+reports) consumes.
+
+A plan says, for one decoder layer, which of the dense MLP's d_ff neurons form the always-on shared expert, which
+form each routed expert (equal widths; index -1 is a zero padding neuron), an optional per-neuron output scale folded
+into W_down, how the router scores experts, and how many experts each token uses. Chosen experts are summed with
+weight exactly 1 ("unit" gate), as every seed method prescribes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+ROUTER_KINDS = ("linear", "cmoe", "mlp")
+# llama.cpp key value for each router kind (patched runtime: {arch}.expert_router_type)
+ROUTER_TYPE_IDS = {"linear": 0, "cmoe": 1, "mlp": 2}
+
+
+@dataclass
+class Router:
+    """kind "linear": weight (E, d); "cmoe": gate (E, d), up (E, d), score |up·x * act(gate·x)|;
+    "mlp": w1 (H, d), b1 (H,), w2 (E, H), b2 (E,), score w2·tanh(w1·x + b1) + b2."""
+    kind: str
+    tensors: dict[str, np.ndarray]
+
+    def __post_init__(self):
+        if self.kind not in ROUTER_KINDS:
+            raise ValueError(f"unknown router kind {self.kind}")
+        self.tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.tensors.items()}
+
+
+@dataclass
+class MoEPlan:
+    layer: int
+    d_ff: int                          # dense intermediate size
+    experts: np.ndarray                # (E, width) int64 neuron indices, -1 = zero padding neuron
+    top_k: int
+    router: Router
+    shared: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))   # (Fs,) indices
+    neuron_scale: np.ndarray | None = None   # (d_ff,) multiplier on W_down columns, or None
+    info: dict = field(default_factory=dict)  # method-specific figures for reports/metadata (JSON-able)
+
+    def __post_init__(self):
+        self.experts = np.asarray(self.experts, dtype=np.int64)
+        self.shared = np.asarray(self.shared, dtype=np.int64)
+        if self.experts.ndim != 2 or self.experts.shape[1] == 0:
+            raise ValueError("experts must be a non-empty (E, width) index array")
+        if not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"top_k={self.top_k} must be in 1..{self.n_experts}")
+        used = np.concatenate([self.shared, self.experts[self.experts >= 0]])
+        if used.size and (used.min() < 0 or used.max() >= self.d_ff):
+            raise ValueError("neuron index out of range")
+
+    @property
+    def n_experts(self) -> int:
+        return int(self.experts.shape[0])
+
+    @property
+    def expert_width(self) -> int:
+        return int(self.experts.shape[1])
+
+    @property
+    def shared_width(self) -> int:
+        return int(self.shared.size)
+
+    def active_fraction(self) -> float:
+        """Fraction of the dense d_ff neurons computed per token (padding counts, as the runtime computes it)."""
+        return (self.shared_width + self.top_k * self.expert_width) / self.d_ff
+
+    def summary(self) -> dict:
+        return {"experts": self.n_experts, "expert_width": self.expert_width, "top_k": self.top_k,
+                "shared_width": self.shared_width, "router": self.router.kind,
+                "active_fraction": round(self.active_fraction(), 6), **self.info}
+
+
+def _take_rows(w: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
+    """Rows of ``w`` at ``idx``; index -1 gives a zero row."""
+    idx_t = torch.as_tensor(idx, dtype=torch.long)
+    out = w[idx_t.clamp(min=0)]
+    return out * (idx_t >= 0).to(w.dtype).unsqueeze(-1)
+
+
+def expert_tensors(plan: MoEPlan, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Dense MLP weights (gate/up: (d_ff, d), down: (d, d_ff)) -> the plan's expert weights in llama.cpp's layout:
+    gate_exps/up_exps (E, F, d), down_exps (E, d, F), and gate_shexp/up_shexp (Fs, d), down_shexp (d, Fs)."""
+    down_t = down.t()  # (d_ff, d): one row per neuron
+    if plan.neuron_scale is not None:
+        down_t = down_t * torch.as_tensor(plan.neuron_scale, dtype=down.dtype).unsqueeze(-1)
+    out = {
+        "gate_exps": _take_rows(gate, plan.experts),
+        "up_exps": _take_rows(up, plan.experts),
+        "down_exps": _take_rows(down_t, plan.experts).transpose(1, 2),
+    }
+    if plan.shared_width:
+        out["gate_shexp"] = gate[torch.as_tensor(plan.shared)]
+        out["up_shexp"] = up[torch.as_tensor(plan.shared)]
+        out["down_shexp"] = down_t[torch.as_tensor(plan.shared)].t()
+    return {k: v.contiguous() for k, v in out.items()}

@@ -1,0 +1,40 @@
+"""The torch reference: the HF model with every MLP replaced by the MoEMLP its plan describes."""
+from __future__ import annotations
+
+import torch
+
+from .adapters import Adapter
+from .checkpoint import Checkpoint
+from .moe_torch import MoEMLP
+from .plan import MoEPlan
+
+
+def load_dense(ckpt: Checkpoint):
+    """(model, tokenizer) from the checkpoint, in the working dtype, eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=ckpt.dtype)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(ckpt.path))
+    return model, tokenizer
+
+
+def moeify_(model, adapter: Adapter, plans: list[MoEPlan]) -> None:
+    """Swap each layer's dense MLP for its MoE form, in place (the dense MLP is freed as we go)."""
+    mlp_path, gate_attr = adapter.mlp_gate.rsplit(".", 1)
+    up_attr = adapter.mlp_up.rsplit(".", 1)[1]
+    down_attr = adapter.mlp_down.rsplit(".", 1)[1]
+    for plan in plans:
+        layer = model.get_submodule(adapter.layer_prefix.format(i=plan.layer).rstrip("."))
+        dense = layer.get_submodule(mlp_path)
+        with torch.no_grad():
+            moe = MoEMLP(plan, getattr(dense, gate_attr).weight, getattr(dense, up_attr).weight,
+                         getattr(dense, down_attr).weight)
+        setattr(layer, mlp_path, moe)
+
+
+def logits_fn(model):
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids, use_cache=False).logits
+    return run
