@@ -19,6 +19,7 @@ import math
 import os
 import re
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -106,6 +107,11 @@ def parse_kl_divergence_output(stdout: str, stderr: str = "") -> KLDivergenceRes
         raw_output=text)
 
 
+def _expected_chunks(stderr: str) -> int | None:
+    m = re.search(r"(?:calculating perplexity|computing) over (\d+) chunks", stderr)
+    return int(m.group(1)) if m else None
+
+
 def _tail(text: str, n: int = 15) -> str:
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return "\n".join(lines[-n:])
@@ -124,6 +130,7 @@ class LlamaCppTools:
     bin_dir: Path
     variant: str = "patched"
     timeout: float | None = None  # seconds per tool run; None = no limit
+    retries: int = 5  # runs of llama-perplexity when its log lost the last lines (unpatched builds)
 
     def tool(self, name: str) -> Path:
         path = self.bin_dir / (name + _EXE)
@@ -138,11 +145,17 @@ class LlamaCppTools:
     def run(self, name: str, args: Sequence[str | os.PathLike]) -> subprocess.CompletedProcess:
         """Run a tool; on failure raise UserError with the last lines of its stderr."""
         cmd = [str(self.tool(name))] + [str(a) for a in args]
-        try:
-            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                  errors="replace", timeout=self.timeout)
-        except subprocess.TimeoutExpired as e:
-            raise UserError(f"{name} did not finish within {self.timeout} s: {' '.join(cmd)}") from e
+        # stdout/stderr go to files, not pipes: an unpatched llama.cpp loses more of its async log on pipes
+        with tempfile.TemporaryFile("w+b") as out, tempfile.TemporaryFile("w+b") as err:
+            try:
+                rc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    timeout=self.timeout).returncode
+            except subprocess.TimeoutExpired as e:
+                raise UserError(f"{name} did not finish within {self.timeout} s: {' '.join(cmd)}") from e
+            out.seek(0)
+            err.seek(0)
+            proc = subprocess.CompletedProcess(cmd, rc, out.read().decode("utf-8", "replace"),
+                                               err.read().decode("utf-8", "replace"))
         if proc.returncode != 0:
             raise UserError(f"{name} failed (exit code {proc.returncode}): {' '.join(cmd)}\n"
                             + _tail(proc.stderr or proc.stdout))
@@ -165,8 +178,16 @@ class LlamaCppTools:
         args = self._ppl_args(model, ctx, chunks, threads, batch) + ["-f", str(text_file)]
         if save_logits is not None:
             args += ["--kl-divergence-base", str(save_logits)]
-        proc = self.run("llama-perplexity", args + list(extra))
-        return parse_perplexity_output(proc.stdout, proc.stderr)
+        # Unpatched llama-perplexity logs through a worker thread that is never joined: the last lines (the last
+        # chunk, the final estimate) are sometimes lost at exit (patch 0004 fixes that). Retry when they are.
+        for _ in range(self.retries):
+            proc = self.run("llama-perplexity", args + list(extra))
+            result = parse_perplexity_output(proc.stdout, proc.stderr)
+            expected = _expected_chunks(proc.stderr)
+            if expected is None or result.n_chunks >= expected:
+                return result
+        raise UserError(f"llama-perplexity printed {result.n_chunks} of {expected} chunks {self.retries} times "
+                        f"(its log lost the last lines; the patched build fixes that: {BUILD_SCRIPT})")
 
     def kl_divergence(self, model, base_logits, ctx: int = 512, chunks: int | None = None,
                       threads: int | None = None, batch: int | None = None,
@@ -175,8 +196,14 @@ class LlamaCppTools:
         (same ctx; the tokens come from the saved file)."""
         args = self._ppl_args(model, ctx, chunks, threads, batch)
         args += ["--kl-divergence-base", str(base_logits), "--kl-divergence"]
-        proc = self.run("llama-perplexity", args + list(extra))
-        result = parse_kl_divergence_output(proc.stdout, proc.stderr)
+        for attempt in range(self.retries):  # see perplexity(): the statistics at the end can be lost
+            proc = self.run("llama-perplexity", args + list(extra))
+            try:
+                result = parse_kl_divergence_output(proc.stdout, proc.stderr)
+                break
+            except UserError:
+                if attempt == self.retries - 1:
+                    raise
         result.chunk_ppls = [_float(m.group(2)) for m in re.finditer(r"^\s*(\d+)\s+(" + _NUM + r")\s+±",
                                                                      proc.stdout, re.M)]
         return result
