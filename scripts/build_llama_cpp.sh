@@ -4,12 +4,14 @@
 # Usage: bash scripts/build_llama_cpp.sh [cpu|cuda|metal] [--stock] [--with-cli]
 #   cpu (default)  plain CPU build
 #   cuda           adds -DGGML_CUDA=ON -DGGML_CUDA_NO_VMM=ON; cuBLAS comes from PyPI's nvidia-cublas wheel
-#                  (pip-installed into the venv when missing) and is passed to CMake by path
+#                  (the venv's, else pip-installed once into the cache) and is passed to CMake by path
 #                  (-DCUDAToolkit_ROOT is left to nvcc's location; CUDA_cublas_LIBRARY / CUDA_cublasLt_LIBRARY and
-#                  the include dir point into the wheel). Set CMAKE_CUDA_ARCHITECTURES (e.g. 90) to limit build time.
+#                  the include dir point into the wheel). CMAKE_CUDA_ARCHITECTURES (env) picks the GPUs; default
+#                  native, or 90 when no GPU is visible. A full sm_90 build takes ~25 min on 2 cores.
 #   metal          adds -DGGML_METAL=ON (macOS only)
 #   --stock        unpatched llama.cpp, only llama-perplexity and llama-completion (reference for "stock" files)
 #   --with-cli     also build llama-cli (links the server code: ~3 min more on 2 cores)
+#   --configure-only  stop after CMake configure (checks a backend's toolchain without the long build)
 #
 # Source: gguf_moeify.llama_cpp_source.llama_cpp_source() (LLAMA_CPP_DIR, the cache, git clone, or the PyPI sdist of
 # llama-cpp-python 0.3.36 which vendors the same commit). It is never modified: it is copied to
@@ -32,13 +34,15 @@ COMMIT=0c1e57098
 BACKEND=cpu
 STOCK=0
 WITH_CLI=0
+CONFIGURE_ONLY=0
 for arg in "$@"; do
     case "$arg" in
         cpu|cuda|metal) BACKEND="$arg" ;;
         --stock) STOCK=1 ;;
         --with-cli) WITH_CLI=1 ;;
-        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
-        *) echo "build_llama_cpp.sh: unknown argument '$arg' (expected cpu|cuda|metal, --stock, --with-cli)" >&2; exit 2 ;;
+        --configure-only) CONFIGURE_ONLY=1 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
+        *) echo "build_llama_cpp.sh: unknown argument '$arg' (expected cpu|cuda|metal, --stock, --with-cli, --configure-only)" >&2; exit 2 ;;
     esac
 done
 
@@ -135,19 +139,32 @@ else
         cuda)
             command -v nvcc >/dev/null || [[ -x /usr/local/cuda/bin/nvcc ]] || die "nvcc not found (install the CUDA toolkit)"
             command -v nvcc >/dev/null || export PATH="/usr/local/cuda/bin:$PATH"
-            CUBLAS_DIR="$("$PYTHON" -c 'import nvidia.cublas, os; print(list(nvidia.cublas.__path__)[0])' 2>/dev/null || true)"
-            if [[ -z "$CUBLAS_DIR" ]]; then
-                echo "[build_llama_cpp] installing nvidia-cublas from PyPI"
-                "$PYTHON" -m pip install --quiet nvidia-cublas || die "could not install nvidia-cublas"
-                CUBLAS_DIR="$("$PYTHON" -c 'import nvidia.cublas, os; print(list(nvidia.cublas.__path__)[0])')"
+            # cuBLAS from PyPI (nvidia-cublas; lib/ and include/ under nvidia/cublas or nvidia/cu13): the venv's
+            # if any, else installed once into the cache
+            find_cublas() { find "$@" -name 'libcublas.so*' 2>/dev/null | head -1; }
+            NVIDIA_DIRS="$("$PYTHON" -c 'import nvidia; print(" ".join(nvidia.__path__))' 2>/dev/null || true)"
+            CUBLAS_LIB="$( [[ -n "$NVIDIA_DIRS" ]] && find_cublas $NVIDIA_DIRS || true )"
+            if [[ -z "$CUBLAS_LIB" ]]; then
+                if [[ -z "$(find_cublas "$CACHE/pydeps/nvidia-cublas")" ]]; then
+                    echo "[build_llama_cpp] installing nvidia-cublas from PyPI into $CACHE/pydeps/nvidia-cublas"
+                    "$PYTHON" -m pip install --quiet --no-deps --target "$CACHE/pydeps/nvidia-cublas" nvidia-cublas \
+                        || die "could not install nvidia-cublas (pip install nvidia-cublas)"
+                fi
+                CUBLAS_LIB="$(find_cublas "$CACHE/pydeps/nvidia-cublas")"
             fi
-            CUBLAS_LIB="$(ls "$CUBLAS_DIR"/lib/libcublas.so* | head -1)"
+            [[ -n "$CUBLAS_LIB" ]] || die "libcublas not found in the nvidia-cublas wheel"
+            CUBLAS_DIR="$(dirname "$(dirname "$CUBLAS_LIB")")"
             CUBLASLT_LIB="$(ls "$CUBLAS_DIR"/lib/libcublasLt.so* | head -1)"
             [[ -n "$CUBLAS_LIB" && -n "$CUBLASLT_LIB" ]] || die "no libcublas in $CUBLAS_DIR/lib"
             CMAKE_ARGS+=(-DGGML_CUDA=ON -DGGML_CUDA_NO_VMM=ON
                          -DCUDA_cublas_LIBRARY="$CUBLAS_LIB" -DCUDA_cublasLt_LIBRARY="$CUBLASLT_LIB"
                          -DCMAKE_CUDA_FLAGS="-I$CUBLAS_DIR/include" -DCMAKE_CXX_FLAGS="-I$CUBLAS_DIR/include"
                          -DCMAKE_BUILD_RPATH="$CUBLAS_DIR/lib")
+            # default "native" needs a visible GPU; without one (a build machine) fall back to sm_90
+            if [[ -z "${CMAKE_CUDA_ARCHITECTURES:-}" ]] && ! nvidia-smi -L >/dev/null 2>&1; then
+                CMAKE_CUDA_ARCHITECTURES=90
+                echo "[build_llama_cpp] no GPU visible: CMAKE_CUDA_ARCHITECTURES=90 (set it to choose others)"
+            fi
             [[ -n "${CMAKE_CUDA_ARCHITECTURES:-}" ]] && CMAKE_ARGS+=(-DCMAKE_CUDA_ARCHITECTURES="$CMAKE_CUDA_ARCHITECTURES")
             ;;
     esac
@@ -155,6 +172,12 @@ else
     [[ -n "${EXTRA_CMAKE_ARGS:-}" ]] && CMAKE_ARGS+=($EXTRA_CMAKE_ARGS)
     cmake -S "$WORK/src" -B "$WORK/build" "${CMAKE_ARGS[@]}" > "$WORK/configure.log" 2>&1 \
         || { tail -n 30 "$WORK/configure.log" >&2; die "cmake configure failed (full log: $WORK/configure.log)"; }
+
+    if [[ $CONFIGURE_ONLY == 1 ]]; then
+        step ""
+        echo "[build_llama_cpp] configured (--configure-only): $WORK/build"
+        exit 0
+    fi
 
     # ---- build
     step "build (${TARGETS[*]}, $JOBS jobs)"
