@@ -6,8 +6,10 @@ important blocks form the shared expert (still exact).
 
 The paper gives two parameter-reducing variants by definition only; our designs (deterministic, data-free):
 
-* neuron score s_i = ||W_gate[i]|| * ||W_up[i]|| * ||W_down[:, i]|| (the output scale of neuron i for an
-  isotropic input); a block's importance is the sum of its neurons' scores.
+* neuron score s_i = ||W_gate[i]||_2 * ||W_up[i]||_2 * max_j |W_down[j, i]|: the output scale of neuron i for an
+  isotropic input, measured by its largest output weight. The max (not the L2 norm) of the down column protects
+  the few neurons that write outlier ("super weight") channels: on SmolLM2, 80% kept, the L2 form gave 4-13x the
+  dense perplexity and the max form 2.7-3x. A block's importance is the sum of its neurons' scores.
 * ``fractal-fade``: differential sparsity at every scale. The E blocks, ordered by importance, keep fractions
   that fade linearly from hi to lo with mean ``keep`` (hi = min(1, keep*(1+a)), lo = 2*keep - hi, a = 0.5).
   Inside each block the same fade is applied to its two halves (more important half keeps more), recursively,
@@ -38,7 +40,7 @@ needs_calibration = False
 
 
 def neuron_scores(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> np.ndarray:
-    s = gate.double().norm(dim=1) * up.double().norm(dim=1) * down.double().norm(dim=0)
+    s = gate.double().norm(dim=1) * up.double().norm(dim=1) * down.double().abs().amax(dim=0)
     return s.numpy()
 
 
