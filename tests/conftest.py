@@ -1,0 +1,80 @@
+"""Shared fixtures: the embedded real model (built once per machine into the cache) and tiny random HF models of
+each supported architecture, built in the test itself with transformers."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from gguf_moeify.demo_model import build_smollm2_folder
+from gguf_moeify.llama_cpp_source import cache_root
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "tokenizer.model")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def eval_text_path() -> Path:
+    """The fixed evaluation text: shared/ when present, else a copy shipped with the tests."""
+    p = DATA / "austen_prideprejudice.txt"
+    return p if p.is_file() else ROOT / "tests" / "data" / "austen_prideprejudice_excerpt.txt"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    return build_smollm2_folder(cache_root() / "models" / "smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def spm_tokenizer_dir(tmp_path_factory) -> Path:
+    """A small SentencePiece tokenizer (vocab 512) trained here on the calibration novel: the SentencePiece path of
+    the tokenizer export, and a tokenizer that every model_type's HF tokenizer class accepts."""
+    import sentencepiece as spm
+    d = tmp_path_factory.mktemp("spm")
+    text = eval_text_path().read_text(encoding="utf-8")[:200_000]
+    (d / "train.txt").write_text(text, encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(d / "train.txt"), model_prefix=str(d / "tokenizer"), vocab_size=512,
+                                   model_type="bpe", num_threads=1, bos_id=1, eos_id=2, unk_id=0,
+                                   minloglevel=2, byte_fallback=True)
+    return d
+
+
+def make_tiny_model(arch: str, dest: Path, tokenizer_dir: Path, seed: int = 0, shard: bool = False,
+                    **overrides) -> Path:
+    """A random 2-layer model of ``arch`` with the tokenizer in ``tokenizer_dir`` (SmolLM2's BPE, vocab 49152, or
+    a SentencePiece ``tokenizer.model``), saved as safetensors."""
+    import transformers as tf
+    spm = (tokenizer_dir / "tokenizer.model").is_file()
+    common = dict(vocab_size=512 if spm else 49152, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                  rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                  hidden_act="silu")
+    cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+           "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM)}[arch]
+    extra = {"qwen3": {"head_dim": 16}, "mistral": {"sliding_window": None}}.get(arch, {})
+    config = cls[0](**{**common, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = cls[1](config)
+    with torch.no_grad():  # norms at 1 make an un-trained model too easy; give them some spread
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(dest, safe_serialization=True, max_shard_size="2MB" if shard else "10GB")
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, dest / name)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_models(smollm2_dir, spm_tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
+    """llama/mistral carry SmolLM2's BPE tokenizer; qwen2/qwen3 a SentencePiece one (transformers 5 forces the
+    Qwen2 tokenizer class on model_type qwen*, whose pre-tokenizer llama.cpp cannot identify on a foreign vocab)."""
+    root = tmp_path_factory.mktemp("tiny")
+    tok = {"llama": smollm2_dir, "mistral": smollm2_dir, "qwen2": spm_tokenizer_dir, "qwen3": spm_tokenizer_dir}
+    return {arch: make_tiny_model(arch, root / arch, tok[arch], seed=i) for i, arch in enumerate(ARCHS)}

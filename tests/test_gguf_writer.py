@@ -1,0 +1,121 @@
+"""The written GGUF, read back with gguf-py: tensors, shapes, types, MoE keys, determinism, and the non-MLP
+tensors byte-identical to llama.cpp's own converter's dense output."""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+
+from gguf_moeify.convert import convert
+from gguf_moeify.llama_cpp_source import llama_cpp_source
+from gguf_moeify.methods import MethodOptions
+
+from conftest import ARCHS
+
+T = gguf.GGMLQuantizationType
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "qwen3"}
+
+
+def _fields(reader):
+    return {k: f.contents() for k, f in reader.fields.items()}
+
+
+def _expected_names(arch: str, n_layers: int, shared: bool) -> set[str]:
+    names = {"token_embd.weight", "output_norm.weight", "output.weight"}
+    per = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate_inp",
+           "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]
+    if shared:
+        per += ["ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"]
+    if arch == "qwen3":
+        per += ["attn_q_norm", "attn_k_norm"]
+    for i in range(n_layers):
+        names |= {f"blk.{i}.{p}.weight" for p in per}
+        if arch == "qwen2":
+            names |= {f"blk.{i}.attn_{x}.bias" for x in "qkv"}
+    return names
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
+def test_layout_keys_and_types(tiny_models, tmp_path, arch, outtype):
+    out = tmp_path / "moe.gguf"
+    convert(str(tiny_models[arch]), out, "mlpmoe", MethodOptions(experts=4, shared=1), outtype, progress=False)
+    r = gguf.GGUFReader(out)
+    f = _fields(r)
+    ga = GGUF_ARCH[arch]
+    assert f["general.architecture"] == ga
+    assert f[f"{ga}.expert_count"] == 3 and f[f"{ga}.expert_used_count"] == 3
+    assert f[f"{ga}.expert_feed_forward_length"] == 64
+    assert f[f"{ga}.expert_shared_feed_forward_length"] == 64
+    assert f[f"{ga}.expert_weights_unit"] is True and f[f"{ga}.expert_router_type"] == 0
+    assert f[f"{ga}.block_count"] == 2 and f[f"{ga}.embedding_length"] == 64
+    if arch in ("llama", "mistral"):   # SmolLM2's BPE tokenizer, identified by llama.cpp's converter
+        assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "smollm"
+        assert len(f["tokenizer.ggml.tokens"]) == 49152 and len(f["tokenizer.ggml.merges"]) == 48900
+    else:                              # the SentencePiece tokenizer of the qwen test models
+        assert f["tokenizer.ggml.model"] == "llama" and len(f["tokenizer.ggml.scores"]) == 512
+    assert '"method": "mlpmoe"' in f["gguf_moeify.provenance"]
+    tensors = {t.name: t for t in r.tensors}
+    assert set(tensors) == _expected_names(arch, 2, shared=True)
+    shape = lambda n: tuple(int(x) for x in reversed(tensors[n].shape))  # noqa: E731  numpy order
+    assert shape("blk.0.ffn_gate_inp.weight") == (3, 64)
+    assert shape("blk.1.ffn_gate_exps.weight") == (3, 64, 64)
+    assert shape("blk.1.ffn_down_exps.weight") == (3, 64, 64)
+    assert shape("blk.0.ffn_up_shexp.weight") == (64, 64) and shape("blk.0.ffn_down_shexp.weight") == (64, 64)
+    want = T.F32 if outtype == "f32" else T.Q8_0
+    assert tensors["blk.0.ffn_gate_exps.weight"].tensor_type == want
+    assert tensors["blk.0.attn_q.weight"].tensor_type == want
+    assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type == T.F32
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == T.F32
+
+
+def test_second_run_is_byte_identical(tiny_models, tmp_path):
+    digests = []
+    for name in ("a.gguf", "b.gguf"):
+        convert(str(tiny_models["qwen2"]), tmp_path / name, "mlpmoe", MethodOptions(experts=8), "q4_0",
+                progress=False)
+        digests.append(hashlib.sha256((tmp_path / name).read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+    assert sorted(os.listdir(tmp_path)) == ["a.gguf", "b.gguf"]   # no temporary files left behind
+
+
+def test_expert_tensors_hold_the_dense_neurons(tiny_models, tmp_path):
+    """f32 expert slices are exactly the dense rows/columns the plan names."""
+    from safetensors.numpy import load_file
+    out = tmp_path / "moe.gguf"
+    convert(str(tiny_models["llama"]), out, "mlpmoe", MethodOptions(experts=4), "f32", progress=False)
+    hf = load_file(tiny_models["llama"] / "model.safetensors")
+    t = {x.name: np.asarray(x.data) for x in gguf.GGUFReader(out).tensors}
+    gate = hf["model.layers.1.mlp.gate_proj.weight"]
+    down = hf["model.layers.1.mlp.down_proj.weight"]
+    assert np.array_equal(t["blk.1.ffn_gate_exps.weight"].reshape(4, 64, 64), gate.reshape(4, 64, 64))
+    assert np.array_equal(t["blk.1.ffn_down_exps.weight"][2], down[:, 128:192])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_non_mlp_tensors_match_llama_cpp_converter(tiny_models, tmp_path, arch):
+    """Attention, norms and embeddings are laid out exactly as llama.cpp's converter lays out the dense model
+    (for qwen2 we write the llama architecture, so Q/K are compared after the llama rope permutation)."""
+    src = llama_cpp_source()
+    ref = tmp_path / "dense.gguf"
+    env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}
+    subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(tiny_models[arch]), "--outtype", "f32",
+                    "--outfile", str(ref)], check=True, capture_output=True, env=env)
+    out = tmp_path / "moe.gguf"
+    convert(str(tiny_models[arch]), out, "mlpmoe", MethodOptions(experts=2), "f32", progress=False)
+    ours = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(out).tensors}
+    theirs = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(ref).tensors}
+    common = [n for n in theirs if not n.split(".")[-2].startswith("ffn_") or n.endswith("ffn_norm.weight")]
+    assert len(common) >= 2 + 2 * 6
+    for name in common:
+        a, b = ours[name], theirs[name]
+        if arch == "qwen2" and name.split(".")[-2] in ("attn_q", "attn_k"):
+            from gguf_moeify.rope_layout import permute_qk
+            heads = 4 if "attn_q" in name else 2
+            b = permute_qk(b, heads)
+        assert a.shape == b.shape and np.array_equal(a, b), name

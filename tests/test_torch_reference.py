@@ -1,0 +1,71 @@
+"""Exactness of the torch reference: MLPMoE slicing reproduces the dense model, for every architecture."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gguf_moeify.adapters import adapter_for
+from gguf_moeify.checkpoint import Checkpoint
+from gguf_moeify.convert import make_plans
+from gguf_moeify.methods import MethodOptions
+from gguf_moeify.moe_torch import MoEMLP
+from gguf_moeify.plan import MoEPlan, Router
+from gguf_moeify.reference import load_dense, logits_fn, moeify_
+
+from conftest import ARCHS
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("experts,shared", [(4, 0), (8, 2)])
+def test_mlpmoe_slice_matches_dense(tiny_models, arch, experts, shared):
+    ckpt = Checkpoint(tiny_models[arch])
+    adapter = adapter_for(ckpt.config)
+    model, _ = load_dense(ckpt)
+    ids = torch.randint(0, ckpt.config["vocab_size"], (1, 48), generator=torch.Generator().manual_seed(1))
+    dense = logits_fn(model)(ids)
+    plans = make_plans(ckpt, adapter, "mlpmoe", MethodOptions(experts=experts, shared=shared), progress=False)
+    moeify_(model, adapter, plans)
+    assert isinstance(model.model.layers[0].mlp, MoEMLP)
+    moe = logits_fn(model)(ids)
+    assert _rel_err(moe, dense) < 1e-5
+
+
+def test_routing_selects_top_k_by_score():
+    """Top-k < E: only the chosen experts contribute, each with weight 1, plus the shared expert."""
+    torch.manual_seed(0)
+    d, d_ff = 16, 64
+    gate, up, down = torch.randn(d_ff, d), torch.randn(d_ff, d), torch.randn(d, d_ff)
+    experts = np.arange(8, d_ff).reshape(4, 14)
+    router = np.random.default_rng(0).standard_normal((4, d)).astype(np.float32)
+    plan = MoEPlan(layer=0, d_ff=d_ff, experts=experts, top_k=2, router=Router("linear", {"weight": router}),
+                   shared=np.arange(8))
+    moe = MoEMLP(plan, gate, up, down)
+    x = torch.randn(5, d)
+    chosen = torch.topk(x @ torch.as_tensor(router).t(), 2).indices
+    for t in range(5):
+        neurons = np.concatenate([np.arange(8)] + [experts[e] for e in chosen[t].tolist()])
+        n = torch.as_tensor(neurons)
+        want = down[:, n] @ (torch.nn.functional.silu(gate[n] @ x[t]) * (up[n] @ x[t]))
+        assert torch.allclose(moe(x[t:t + 1])[0], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["fractal-fade", "compensated-pruning"])
+def test_mlpmoe_variants_are_deterministic_and_reduce(tiny_models, variant):
+    ckpt = Checkpoint(tiny_models["llama"])
+    adapter = adapter_for(ckpt.config)
+    opts = MethodOptions(experts=4, variant=variant, keep=0.5)
+    a = make_plans(ckpt, adapter, "mlpmoe", opts, progress=False)
+    b = make_plans(ckpt, adapter, "mlpmoe", opts, progress=False)
+    for pa, pb in zip(a, b):
+        assert np.array_equal(pa.experts, pb.experts)
+        kept = pa.experts[pa.experts >= 0]
+        assert len(np.unique(kept)) == len(kept)            # no neuron twice
+        assert pa.info["kept_fraction"] == 0.5               # 256 * 0.5 = 4 experts x 32
+        assert pa.expert_width == 32
+    if variant == "compensated-pruning":
+        assert all(p.neuron_scale is not None and p.info["compensation"] > 1.0 for p in a)
