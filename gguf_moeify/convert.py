@@ -19,9 +19,13 @@ from .plan import MoEPlan
 
 def make_plans(ckpt: Checkpoint, adapter: Adapter, method_name: str, opts: MethodOptions,
                progress: bool = True) -> list[MoEPlan]:
-    """One plan per decoder layer; only that layer's MLP weights are in memory at a time."""
+    """One plan per decoder layer; only that layer's MLP weights are in memory at a time. Methods that need
+    calibration go through the layer-sequential pipeline (one decoder layer plus the calibration states)."""
     method = get_method(method_name)
     method.validate(opts, ckpt.d_ff)
+    if getattr(method, "needs_calibration", False):
+        from .calibration import calibrated_plans
+        return calibrated_plans(ckpt, adapter, method, opts, progress)
     plans = []
     for i in tqdm(range(ckpt.n_layers), desc=f"planning {method_name}", unit="layer", disable=not progress):
         gate, up, down = (ckpt.get(n) for n in adapter.mlp_names(i))
@@ -37,23 +41,22 @@ def provenance(ckpt: Checkpoint, method: str, opts: MethodOptions, outtype: str,
             "outtype": outtype, "dtype": dtype}
 
 
-def convert(model: str, out: str | os.PathLike, method: str = "mlpmoe", opts: MethodOptions | None = None,
-            outtype: str = "f16", dtype: str = "float32", progress: bool = True) -> Path:
-    opts = opts or MethodOptions()
+def write_model_file(ckpt: Checkpoint, adapter: Adapter, plans: list[MoEPlan], out: str | os.PathLike,
+                     outtype: str, provenance: dict, progress: bool = True,
+                     make_plans_fn=None) -> Path:
+    """Plans -> GGUF at ``out`` via a temporary file in the same folder, renamed only when complete.
+    ``make_plans_fn`` (optional) computes the plans after the output was checked to be writable."""
     if outtype not in OUTTYPES:
         raise UserError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
     out = Path(out)
     if out.is_dir():
         raise UserError(f"output {out} is a folder; give a file name such as {out / 'model-moe.gguf'}")
-    ckpt = Checkpoint(model, dtype)
-    adapter = adapter_for(ckpt.config)
-    get_method(method).validate(opts, ckpt.d_ff)
     tmp = output_temp_path(out)
     try:
-        plans = make_plans(ckpt, adapter, method, opts, progress)
+        if make_plans_fn is not None:
+            plans = make_plans_fn()
         float_type = "f16" if outtype in KQUANT_OUTTYPES else outtype
-        fallbacks = write_gguf(tmp, ckpt, adapter, plans, float_type, provenance(ckpt, method, opts, outtype, dtype),
-                               progress)
+        fallbacks = write_gguf(tmp, ckpt, adapter, plans, float_type, provenance, progress)
         if fallbacks:
             print(f"note: {len(fallbacks)} tensors kept at f16 (last dimension not a multiple of 32), "
                   f"e.g. {fallbacks[0]}", file=sys.stderr)
@@ -72,3 +75,15 @@ def convert(model: str, out: str | os.PathLike, method: str = "mlpmoe", opts: Me
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+def convert(model: str, out: str | os.PathLike, method: str = "mlpmoe", opts: MethodOptions | None = None,
+            outtype: str = "f16", dtype: str = "float32", progress: bool = True) -> Path:
+    opts = opts or MethodOptions()
+    if outtype not in OUTTYPES:
+        raise UserError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    ckpt = Checkpoint(model, dtype)
+    adapter = adapter_for(ckpt.config)
+    get_method(method).validate(opts, ckpt.d_ff)
+    return write_model_file(ckpt, adapter, [], out, outtype, provenance(ckpt, method, opts, outtype, dtype),
+                            progress, make_plans_fn=lambda: make_plans(ckpt, adapter, method, opts, progress))

@@ -265,3 +265,15 @@ def relative_difference(a: float, b: float) -> float:
     """|a-b| / max(|a|, |b|), 0 when both are 0 (a helper for comparing perplexities)."""
     m = max(abs(a), abs(b))
     return 0.0 if m == 0 else abs(a - b) / m if math.isfinite(m) else float("inf")
+
+
+def read_saved_tokens(path: str | os.PathLike) -> tuple[int, list[int]]:
+    """(n_ctx, tokens) from a ``--kl-divergence-base`` file: the exact token ids llama-perplexity scored
+    (header: "_logits_", int32 n_ctx, n_vocab, n_chunk, then n_chunk * n_ctx int32 tokens)."""
+    import struct
+    with open(path, "rb") as f:
+        if f.read(8) != b"_logits_":
+            raise UserError(f"{path}: not a llama-perplexity logits file")
+        n_ctx, _n_vocab, n_chunk = struct.unpack("<iii", f.read(12))
+        tokens = list(struct.unpack(f"<{n_ctx * n_chunk}i", f.read(4 * n_ctx * n_chunk)))
+    return n_ctx, tokens

@@ -9,15 +9,14 @@ from .moe_torch import MoEMLP
 from .plan import MoEPlan
 
 
-def load_dense(ckpt: Checkpoint):
-    """(model, tokenizer) from the checkpoint, in the working dtype, eval mode."""
+def load_dense(ckpt: Checkpoint, tokenizer: bool = True):
+    """(model, tokenizer or None) from the checkpoint, in the working dtype, eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=ckpt.dtype)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(ckpt.path))
-    return model, tokenizer
+    return model, (AutoTokenizer.from_pretrained(str(ckpt.path)) if tokenizer else None)
 
 
 def moeify_(model, adapter: Adapter, plans: list[MoEPlan]) -> None:

@@ -51,7 +51,7 @@ def make_tiny_model(arch: str, dest: Path, tokenizer_dir: Path, seed: int = 0, s
     common = dict(vocab_size=512 if spm else 49152, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
                   rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-                  hidden_act="silu")
+                  hidden_act="silu", initializer_range=0.1)  # sharp enough that the MLP and routing matter
     cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
            "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM)}[arch]
     extra = {"qwen3": {"head_dim": 16}, "mistral": {"sliding_window": None}}.get(arch, {})

@@ -25,7 +25,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_mlpmoe_slice_matches_dense(tiny_models, arch, experts, shared):
     ckpt = Checkpoint(tiny_models[arch])
     adapter = adapter_for(ckpt.config)
-    model, _ = load_dense(ckpt)
+    model, _ = load_dense(ckpt, tokenizer=False)
     ids = torch.randint(0, ckpt.config["vocab_size"], (1, 48), generator=torch.Generator().manual_seed(1))
     dense = logits_fn(model)(ids)
     plans = make_plans(ckpt, adapter, "mlpmoe", MethodOptions(experts=experts, shared=shared), progress=False)
