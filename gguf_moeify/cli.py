@@ -37,18 +37,58 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shared", "-S", type=int, default=0,
                    help="experts merged into one always-on shared expert (default: %(default)s)")
     g.add_argument("--top-k", "-K", type=int, default=None,
-                   help="routed experts used per token (default: the method's; mlpmoe: all routed experts)")
+                   help="routed experts used per token (default: the method's; mlpmoe: all routed experts; "
+                        "cmoe/moefication: the k that makes (shared + k) / experts nearest 50%%)")
+    g.add_argument("--config", default=None, metavar="SxAyEz",
+                   help="CMoE naming, e.g. S1A7E16: x shared, y routed active, z experts in all; sets --shared, "
+                        "--top-k and --experts (default: not used)")
     g.add_argument("--variant", default="slice", choices=("slice", "fractal-fade", "compensated-pruning"),
                    help="mlpmoe: exact slicing, or a parameter-reducing variant (default: %(default)s)")
     g.add_argument("--keep", type=float, default=None,
                    help="mlpmoe variants: fraction of MLP neurons kept (default: 0.8 for the variants)")
+    g.add_argument("--ka", type=int, default=None,
+                   help="cmoe: neurons marked active per token when profiling activation rates (K_a) (default: 10)")
+    g.add_argument("--split", default="param", choices=("param", "coact"),
+                   help="moefication: experts by balanced k-means on normalised gate rows (param) or by a "
+                        "spectral partition of the co-activation graph (coact) (default: %(default)s)")
+    g.add_argument("--router", default="similarity", choices=("similarity", "mlp"),
+                   help="moefication: expert-centre similarity router or a trained 2-layer MLP router "
+                        "(default: %(default)s)")
+    c = p.add_argument_group("calibration (cmoe, moefication)")
+    c.add_argument("--calib", default=None, metavar="FILE|DIR|wikitext2",
+                   help="calibration text: a UTF-8 file, a folder of .txt files, or wikitext2 (WikiText-2 train via "
+                        "the `datasets` package, online only); required by cmoe and moefication (default: none)")
+    c.add_argument("--calib-samples", type=int, default=8,
+                   help="calibration windows, drawn at random starts (default: %(default)s)")
+    c.add_argument("--calib-seqlen", type=int, default=2048,
+                   help="tokens per calibration window, capped at the model's context (default: %(default)s)")
+    c.add_argument("--seed", type=int, default=0,
+                   help="seed for calibration windows, k-means initialisation and router training "
+                        "(default: %(default)s)")
     g.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="working precision for reading and computing (default: %(default)s)")
 
 
 def _opts(args) -> MethodOptions:
-    return MethodOptions(experts=args.experts, shared=args.shared, top_k=args.top_k, variant=args.variant,
-                         keep=args.keep)
+    experts, shared, top_k = args.experts, args.shared, args.top_k
+    if args.config is not None:
+        from .methods.cmoe import parse_config
+        cs, ck, ce = parse_config(args.config)
+        for flag, given, default, want in (("--shared", shared, 0, cs), ("--top-k", top_k, None, ck),
+                                           ("--experts", experts, 8, ce)):
+            if given != default and given != want:
+                raise UserError(f"--config {args.config} sets {flag} {want}, but {flag} {given} was given")
+        experts, shared, top_k = ce, cs, ck
+    extra = {}
+    if args.method == "cmoe" and args.ka is not None:
+        extra["ka"] = args.ka
+    if args.method == "moefication":
+        extra.update(split=args.split, router=args.router)
+    if args.method == "mlpmoe" and args.calib is not None:
+        raise UserError("--calib is for the data-driven methods (cmoe, moefication); mlpmoe uses no data")
+    return MethodOptions(experts=experts, shared=shared, top_k=top_k, variant=args.variant, keep=args.keep,
+                         calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
+                         seed=args.seed, extra=extra)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "window is scored (default: %(default)s)")
     e.add_argument("--chunks", type=int, default=None, help="at most this many windows (default: all)")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    e.add_argument("--oracle", action="store_true",
+                   help="also score the same experts chosen by a ground-truth oracle (per token, the top-k experts "
+                        "by output norm): an upper bound for any router, torch reference only (default: off)")
     _method_args(e)
 
     d = sub.add_parser("demo-model", help="write the embedded SmolLM2-135M-Instruct as an HF folder")
@@ -95,13 +138,16 @@ def _run(args) -> int:
         print(inspect_gguf(args.file))
     elif args.command == "eval":
         from .eval_cmd import evaluate_model
-        res = evaluate_model(args.model, args.text, args.method, _opts(args), args.dtype, args.ctx, args.chunks)
+        res = evaluate_model(args.model, args.text, args.method, _opts(args), args.dtype, args.ctx, args.chunks,
+                             oracle=args.oracle)
         if args.json:
             print(json.dumps(res, sort_keys=True))
         else:
             print(f"dense ppl {res['dense']['ppl']:.4f}   {args.method} ppl {res['moe']['ppl']:.4f}   "
                   f"ratio {res['ratio']:.5f}   active fraction {res['active_fraction']:.3f}   "
                   f"({res['moe']['n_chunks']} windows of {args.ctx}, {res['moe']['n_scored']} tokens scored)")
+            if "oracle" in res:
+                print(f"oracle router ppl {res['oracle']['ppl']:.4f}   ratio {res['oracle_ratio']:.5f}")
     elif args.command == "demo-model":
         from .demo_model import build_smollm2_folder
         print(f"wrote {build_smollm2_folder(args.dir)}")

@@ -14,7 +14,7 @@ def add_bos_of(tokenizer) -> bool:
 
 
 def evaluate_model(model: str, text_file: str, method: str, opts: MethodOptions, dtype: str = "float32",
-                   ctx: int = 512, chunks: int | None = None) -> dict:
+                   ctx: int = 512, chunks: int | None = None, oracle: bool = False) -> dict:
     ckpt = Checkpoint(model, dtype)
     adapter = adapter_for(ckpt.config)
     text = read_text(text_file)
@@ -26,5 +26,13 @@ def evaluate_model(model: str, text_file: str, method: str, opts: MethodOptions,
     moeify_(hf, adapter, plans)
     moe = perplexity(logits_fn(hf), tokens, ctx, chunks, bos, desc=method)
     active = sum(p.active_fraction() for p in plans) / len(plans)
-    return {"dense": dense.as_dict(), "moe": moe.as_dict(), "ratio": moe.ppl / dense.ppl,
-            "active_fraction": active, "method": method, "plan": plans[0].summary()}
+    res = {"dense": dense.as_dict(), "moe": moe.as_dict(), "ratio": moe.ppl / dense.ppl,
+           "active_fraction": active, "method": method, "plan": plans[0].summary()}
+    if oracle:
+        from .moe_torch import MoEMLP
+        for mod in hf.modules():
+            if isinstance(mod, MoEMLP):
+                mod.oracle = True
+        orc = perplexity(logits_fn(hf), tokens, ctx, chunks, bos, desc="oracle")
+        res.update(oracle=orc.as_dict(), oracle_ratio=orc.ppl / dense.ppl)
+    return res

@@ -25,9 +25,13 @@ def router_scores(kind: str, t: dict[str, torch.Tensor], x: torch.Tensor, act=F.
 
 
 class MoEMLP(nn.Module):
-    def __init__(self, plan: MoEPlan, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act: str = "silu"):
+    def __init__(self, plan: MoEPlan, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act: str = "silu",
+                 oracle: bool = False):
         super().__init__()
         self.plan = plan
+        # oracle (torch reference only, an upper bound; not expressible in a GGUF): ignore the router and choose,
+        # per token, the top_k experts whose outputs have the largest L2 norm
+        self.oracle = oracle
         self.act = ACTIVATIONS[act]
         self.top_k = plan.top_k
         self.router_kind = plan.router.kind
@@ -42,6 +46,9 @@ class MoEMLP(nn.Module):
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
         """(T, top_k) indices of the chosen experts for each row of x."""
+        if self.oracle:
+            scores = torch.stack([self._expert(e, x).norm(dim=-1) for e in range(self.gate_exps.shape[0])], -1)
+            return torch.topk(scores, self.top_k, dim=-1).indices
         scores = router_scores(self.router_kind, self.router, x, self.act)
         return torch.topk(scores, self.top_k, dim=-1).indices
 

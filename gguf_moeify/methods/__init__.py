@@ -14,7 +14,11 @@ class MethodOptions:
     top_k: int | None = None    # routed experts per token (CMoE's y); None = the method's default
     variant: str = "slice"      # MLPMoE: slice | fractal-fade | compensated-pruning
     keep: float | None = None   # MLPMoE variants: fraction of MLP neurons kept
-    extra: dict = field(default_factory=dict)
+    calib: str | None = None    # data-driven methods: text file, folder of .txt, or "wikitext2"
+    calib_samples: int = 8      # calibration windows
+    calib_seqlen: int = 2048    # tokens per window (capped at the model's context)
+    seed: int = 0               # calibration windows, k-means initialisation, router training
+    extra: dict = field(default_factory=dict)   # method-specific: cmoe "ka"; moefication "split", "router"
 
     @property
     def routed(self) -> int:
@@ -22,11 +26,11 @@ class MethodOptions:
 
 
 def _registry():
-    from . import mlpmoe
-    return {"mlpmoe": mlpmoe}
+    from . import cmoe, mlpmoe, moefication
+    return {"mlpmoe": mlpmoe, "cmoe": cmoe, "moefication": moefication}
 
 
-METHOD_NAMES = ("mlpmoe",)
+METHOD_NAMES = ("mlpmoe", "cmoe", "moefication")
 
 
 def get_method(name: str):

@@ -1,0 +1,198 @@
+"""Calibration data and the layer-sequential pipeline for data-driven methods (CMoE, MoEfication).
+
+Calibration text (``--calib``): a UTF-8 text file, a folder of ``*.txt`` files (sorted by name, joined by blank
+lines), or ``wikitext2`` (WikiText-2 raw train split through the ``datasets`` library; online only). The text is
+tokenised once (no special tokens) and ``--calib-samples`` windows of ``--calib-seqlen`` tokens are cut at random
+starts drawn from a generator seeded with ``--seed`` (the GPTQ/CMoE recipe), so the same options give the same tokens.
+The window length is capped at the model's ``max_position_embeddings``.
+
+Layer-sequential statistics (AutoAWQ/llm-compressor's "catch the first layer's inputs", CMoE step 6): the HF model
+is built on the meta device (no weights), the embedding output of the calibration tokens is computed once, and then
+for each decoder layer only that layer is materialised from the checkpoint: its attention part runs on the current
+hidden states, the post-attention-norm outputs (the MLP inputs x) go to the method, which returns the layer's
+MoEPlan, the MoE MLP is built from the plan, and ``h + moe(x)`` becomes the next layer's input. Memory is one
+decoder layer plus the calibration hidden states (samples x seqlen x hidden floats, and the MLP inputs).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .errors import UserError
+
+WIKITEXT2 = "wikitext2"
+
+
+@dataclass
+class LayerCalib:
+    """What a data-driven method gets for one layer: the MLP inputs of every calibration token (T, d), float32,
+    exactly as the runtime gives them to the MLP (after the post-attention RMSNorm), and the seed."""
+    x: torch.Tensor
+    seed: int = 0
+
+
+def check_calib_options(opts, method: str) -> None:
+    """Cheap checks before any work: calibration given, path exists, sizes sane."""
+    if not opts.calib:
+        raise UserError(f"{method} needs calibration text: give --calib FILE, a folder of .txt files, or {WIKITEXT2}")
+    if opts.calib != WIKITEXT2 and not Path(opts.calib).expanduser().exists():
+        raise UserError(f"--calib {opts.calib}: no such file or folder (give a text file, a folder of .txt files "
+                        f"or '{WIKITEXT2}')")
+    if opts.calib_samples < 1:
+        raise UserError(f"--calib-samples must be >= 1, got {opts.calib_samples}")
+    if opts.calib_seqlen < 2:
+        raise UserError(f"--calib-seqlen must be >= 2, got {opts.calib_seqlen}")
+
+
+def read_calib_text(source: str) -> str:
+    if source == WIKITEXT2:
+        try:
+            from datasets import load_dataset
+        except ImportError:
+            raise UserError("--calib wikitext2 needs the `datasets` package (pip install datasets) and network "
+                            "access; or give a text file or folder")
+        try:
+            ds = load_dataset("wikitext", "wikitext-2-raw-v1", split="train")
+        except Exception as exc:  # offline, hub unreachable, ...
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"--calib wikitext2: could not download WikiText-2 ({first}); give a local text file "
+                            f"or folder instead")
+        return "\n\n".join(ds["text"])
+    p = Path(source).expanduser()
+    if p.is_dir():
+        files = sorted(p.glob("*.txt"))
+        if not files:
+            raise UserError(f"--calib {source}: folder has no *.txt files")
+        return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    if p.is_file():
+        return p.read_text(encoding="utf-8", errors="replace")
+    raise UserError(f"--calib {source}: no such file or folder (give a text file, a folder of .txt files or "
+                    f"'{WIKITEXT2}')")
+
+
+def calib_tokens(model_path: str | Path, config: dict, source: str, samples: int, seqlen: int,
+                 seed: int = 0) -> torch.Tensor:
+    """(samples, seqlen') int64 token windows, seqlen' = min(seqlen, max_position_embeddings)."""
+    if samples < 1:
+        raise UserError(f"--calib-samples must be >= 1, got {samples}")
+    if seqlen < 2:
+        raise UserError(f"--calib-seqlen must be >= 2, got {seqlen}")
+    seqlen = min(seqlen, int(config.get("max_position_embeddings") or seqlen))
+    text = read_calib_text(source)
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    tok = AutoTokenizer.from_pretrained(str(model_path))
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < seqlen + 1:
+        raise UserError(f"--calib text too short: {len(ids)} tokens, need more than --calib-seqlen {seqlen}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - seqlen, (samples,), generator=gen).tolist()
+    ids_t = torch.tensor(ids, dtype=torch.long)
+    return torch.stack([ids_t[s:s + seqlen] for s in starts])
+
+
+class LayerwiseModel:
+    """The HF model as a skeleton on the meta device; one decoder layer at a time is materialised from the
+    checkpoint. Works for the llama-like decoder layers (input_layernorm, self_attn, post_attention_layernorm, mlp)."""
+
+    def __init__(self, ckpt, adapter):
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        self.ckpt, self.adapter = ckpt, adapter
+        self.config = AutoConfig.from_pretrained(str(ckpt.path))
+        with torch.device("meta"):
+            self.skeleton = AutoModelForCausalLM.from_config(self.config, dtype=ckpt.dtype)
+        self.base = self.skeleton.model
+        with torch.device("cpu"):
+            self.rotary = type(self.base.rotary_emb)(config=self.config).to(torch.float32)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        name = next(k for k, v in self.adapter.globals.items() if v == "token_embd")
+        w = self.ckpt.get(name + ".weight")
+        return torch.nn.functional.embedding(ids, w)
+
+    def layer(self, i: int):
+        """Decoder layer i with its weights read from the checkpoint (MLP included)."""
+        layer = self.base.layers[i]
+        prefix = self.adapter.layer_prefix.format(i=i)
+        sd = {}
+        for name, _ in list(layer.named_parameters()) + list(layer.named_buffers()):
+            full = prefix + name
+            if self.ckpt.has(full):
+                sd[name] = self.ckpt.get(full)
+        missing = [n for n, _ in layer.named_parameters() if n not in sd]
+        if missing:
+            raise UserError(f"{self.ckpt.path}: layer {i} tensors missing from the checkpoint: {missing[:3]}")
+        import copy
+        fresh = copy.deepcopy(layer)  # still meta; assign real tensors
+        fresh.load_state_dict(sd, strict=False, assign=True)
+        return fresh.eval()
+
+    def rope_and_mask(self, seqlen: int, dtype: torch.dtype, i: int):
+        pos = torch.arange(seqlen).unsqueeze(0)
+        dummy = torch.zeros(1, seqlen, 1, dtype=dtype)
+        cos, sin = self.rotary(dummy, pos)
+        # causal mask: explicit additive mask (exact for sdpa and eager); sliding-window layers get their band
+        mask = torch.full((seqlen, seqlen), float("-inf"), dtype=dtype).triu(1)
+        window = getattr(self.config, "sliding_window", None)
+        types = getattr(self.config, "layer_types", None)
+        if window and types and types[i] == "sliding_attention" and window < seqlen:
+            mask = mask.masked_fill(torch.ones(seqlen, seqlen, dtype=torch.bool).tril(-window), float("-inf"))
+        return (cos.to(dtype), sin.to(dtype)), pos, mask[None, None]
+
+
+@torch.no_grad()
+def attention_part(layer, h: torch.Tensor, pe, pos, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """(residual after attention, MLP input x) for hidden states h (B, L, d)."""
+    a = layer.input_layernorm(h)
+    a = layer.self_attn(hidden_states=a, attention_mask=mask, position_ids=pos, position_embeddings=pe)[0]
+    h = h + a
+    return h, layer.post_attention_layernorm(h)
+
+
+@torch.no_grad()
+def calibrated_plans(ckpt, adapter, method, opts, progress: bool = True, capture: list | None = None):
+    """One plan per layer from the layer-sequential pipeline. ``capture`` (optional list) receives the hidden
+    states entering each layer and the final ones (for tests)."""
+    from .moe_torch import MoEMLP
+    if not opts.calib:
+        raise UserError("this method needs calibration text: give --calib FILE|FOLDER|wikitext2")
+    ids = calib_tokens(ckpt.path, ckpt.config, opts.calib, opts.calib_samples, opts.calib_seqlen, opts.seed)
+    lm = LayerwiseModel(ckpt, adapter)
+    dtype = ckpt.dtype
+    hidden = lm.embed(ids).to(dtype)                          # (N, L, d)
+    n, L, d = hidden.shape
+    plans = []
+    bar = tqdm(range(ckpt.n_layers), desc=f"calibrating {getattr(method, 'NAME', 'method')}", unit="layer",
+               disable=not progress)
+    for i in bar:
+        if capture is not None:
+            capture.append(hidden.clone())
+        layer = lm.layer(i)
+        pe, pos, mask = lm.rope_and_mask(L, dtype, i)
+        resid = torch.empty_like(hidden)
+        xs = torch.empty_like(hidden)
+        for s in range(n):
+            resid[s:s + 1], xs[s:s + 1] = attention_part(layer, hidden[s:s + 1], pe, pos, mask)
+        gate, up, down = (layer.get_submodule(a).weight for a in (adapter.mlp_gate, adapter.mlp_up, adapter.mlp_down))
+        stats = LayerCalib(x=xs.reshape(-1, d).float(), seed=opts.seed + i)
+        plan = method.plan_layer(i, gate, up, down, opts, stats)
+        plans.append(plan)
+        moe = MoEMLP(plan, gate, up, down)
+        for s in range(n):
+            hidden[s] = resid[s] + moe(xs[s])
+        del layer, moe, resid, xs, stats
+    if capture is not None:
+        capture.append(hidden.clone())
+    return plans
+
+
+def active_fraction_default(experts: int, shared: int, target: float = 0.5) -> int:
+    """top-k routed experts so that (shared + k) / experts is nearest to ``target`` (at least 1)."""
+    return max(1, min(experts - shared, int(math.floor(target * experts - shared + 0.5))))

@@ -1,0 +1,207 @@
+"""MoEfication (Zhang et al., Findings of ACL 2022) for SwiGLU MLPs: split the d_ff neurons into equal experts,
+route each token to the top-k of them with a similarity or a trained MLP router.
+
+The paper works on ReLU FFNs; for SwiGLU we cluster on the gate projection's rows and use |h| with
+h = silu(W_gate x) ⊙ (W_up x) as a neuron's activation. Calibration (``--calib``) is always used: the shared
+expert, the co-activation split and the MLP router need it, and so does the layer-sequential propagation.
+
+Splits (``--split``):
+* ``param``: balanced k-means (squared L2, k-means++ seeded with ``--seed``) on the L2-normalised gate rows into
+  E - S clusters of exactly d_ff / E neurons (exact balanced assignment with linear_sum_assignment at every step).
+* ``coact``: co-activation graph + spectral partition. A neuron is "active" on a token when it is among the token's
+  top 10% by |h|; edge weight A_ij = number of tokens where i and j are both active (float64 counts). The graph is
+  embedded with the top E - S eigenvectors of D^-1/2 A D^-1/2 (rows normalised, as in Ng-Jordan-Weiss spectral
+  clustering) and cut into E - S exactly equal parts by the same balanced k-means. (Not METIS: the paper's graph
+  partitioner; spectral + exact balancing is the documented substitute.)
+
+Shared expert (``--shared S``): the S * d_ff / E neurons with the largest mean |h| * ||W_down[:, i]|| on the
+calibration tokens, taken out before the split.
+
+Routers (``--router``):
+* ``similarity``: expert centre = mean of its members' normalised gate rows; score = centre · x, written as a
+  "linear" router with the centres as rows. The paper compares with the normalised x; for one token ||x|| scales
+  every score alike, so the top-k is the same and the runtime needs no normalisation.
+* ``mlp``: Linear(d -> E_r) -> tanh -> Linear(E_r -> E_r), trained with BCE-with-logits against each expert's
+  share of the token's activation mass (Σ_{i in e} |h_i| / Σ_i |h_i| over the routed neurons); inputs
+  standardised per feature for training (folded into the first layer afterwards, so the runtime takes raw x);
+  Adam lr 0.01, batches of 256, at most 30 epochs, 10% held out, early stopping after 3 epochs without held-out
+  improvement, best held-out state kept; every random choice from ``--seed``. Written as router kind "mlp".
+* the ground-truth oracle (expert output norms) exists only in the torch reference (``MoEMLP.oracle``), as an
+  upper bound for ``eval --oracle``; it cannot be written to a GGUF.
+
+Default top-k when omitted: the number of routed experts that brings the active fraction nearest 50%.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from ..plan import MoEPlan, Router
+from . import MethodOptions, check_common
+from ._balanced import balanced_kmeans, groups
+
+NAME = "moefication"
+needs_calibration = True
+SPLITS = ("param", "coact")
+ROUTERS = ("similarity", "mlp")
+COACT_FRACTION = 0.10
+CHUNK = 4096
+MLP_EPOCHS, MLP_LR, MLP_BATCH, MLP_PATIENCE, MLP_HELDOUT = 30, 0.01, 256, 3, 0.1
+
+
+def validate(opts: MethodOptions, d_ff: int) -> None:
+    from ..calibration import check_calib_options
+    check_common(opts, d_ff)
+    check_calib_options(opts, NAME)
+    split = opts.extra.get("split", "param")
+    router = opts.extra.get("router", "similarity")
+    if split not in SPLITS:
+        raise UserError(f"unknown --split {split!r}; choose one of {', '.join(SPLITS)}")
+    if router not in ROUTERS:
+        raise UserError(f"unknown --router {router!r}; choose one of {', '.join(ROUTERS)}")
+    if opts.keep is not None or opts.variant != "slice":
+        raise UserError("--variant/--keep apply to mlpmoe only")
+
+
+def default_top_k(opts: MethodOptions) -> int:
+    from ..calibration import active_fraction_default
+    return active_fraction_default(opts.experts, opts.shared)
+
+
+@torch.no_grad()
+def _abs_h(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
+    """Chunks of |h| (rows of x, d_ff), float32."""
+    g, u = gate.float(), up.float()
+    for s in range(0, x.shape[0], CHUNK):
+        xc = x[s:s + CHUNK].float()
+        yield (F.silu(xc @ g.t()) * (xc @ u.t())).abs()
+
+
+def _coact_embedding(x, gate, up, idx: np.ndarray, k: int) -> np.ndarray:
+    sub_g, sub_u = gate[torch.as_tensor(idx)], up[torch.as_tensor(idx)]
+    n = len(idx)
+    top = max(1, int(round(COACT_FRACTION * n)))
+    A = torch.zeros(n, n, dtype=torch.float64)
+    for h in _abs_h(x, sub_g, sub_u):
+        act = torch.zeros_like(h)
+        act.scatter_(1, torch.topk(h, top, dim=1).indices, 1.0)
+        A += (act.t() @ act).double()
+    A.fill_diagonal_(0)
+    deg = A.sum(1)
+    inv = torch.where(deg > 0, deg.rsqrt(), torch.zeros_like(deg))
+    L = inv[:, None] * A * inv[None, :]
+    _, vecs = torch.linalg.eigh(L)                      # ascending eigenvalues
+    emb = vecs[:, -k:].numpy()
+    emb = emb * np.sign(emb[np.abs(emb).argmax(0), np.arange(k)])   # deterministic eigenvector signs
+    norms = np.linalg.norm(emb, axis=1, keepdims=True)
+    return emb / np.where(norms > 0, norms, 1)
+
+
+def train_mlp_router(x: torch.Tensor, target: torch.Tensor, seed: int = 0, epochs: int = MLP_EPOCHS,
+                     return_history: bool = False):
+    """x (T, d), target (T, E) in [0, 1] -> dict of router tensors (w1, b1, w2, b2) taking raw x, and optionally
+    the held-out loss per epoch (index 0: before training)."""
+    gen = torch.Generator().manual_seed(seed)
+    T, d = x.shape
+    E = target.shape[1]
+    perm = torch.randperm(T, generator=gen)
+    n_hold = max(1, int(round(MLP_HELDOUT * T)))
+    hold, train = perm[:n_hold], perm[n_hold:]
+    x = x.float()
+    mu, sd = x[train].mean(0), x[train].std(0).clamp_min(1e-6)
+    xs = (x - mu) / sd
+    l1, l2 = torch.nn.Linear(d, E), torch.nn.Linear(E, E)
+    with torch.no_grad():
+        for lin in (l1, l2):
+            bound = 1 / lin.in_features ** 0.5
+            lin.weight.copy_((torch.rand(lin.weight.shape, generator=gen) * 2 - 1) * bound)
+            lin.bias.copy_((torch.rand(lin.bias.shape, generator=gen) * 2 - 1) * bound)
+    params = list(l1.parameters()) + list(l2.parameters())
+    opt = torch.optim.Adam(params, lr=MLP_LR)
+
+    def loss_on(idx):
+        return F.binary_cross_entropy_with_logits(l2(torch.tanh(l1(xs[idx]))), target[idx])
+
+    with torch.no_grad():
+        best = loss_on(hold).item()
+    history = [best]
+    best_state = [p.detach().clone() for p in params]
+    stale = 0
+    with torch.enable_grad():
+        for _ in range(epochs):
+            order = train[torch.randperm(len(train), generator=gen)]
+            for s in range(0, len(order), MLP_BATCH):
+                opt.zero_grad()
+                loss = loss_on(order[s:s + MLP_BATCH])
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                held = loss_on(hold).item()
+            history.append(held)
+            if held < best - 1e-7:
+                best, stale = held, 0
+                best_state = [p.detach().clone() for p in params]
+            else:
+                stale += 1
+                if stale >= MLP_PATIENCE:
+                    break
+    w1, b1, w2, b2 = (t.double() for t in best_state)
+    # fold the standardisation into the first layer: w1 ((x - mu) / sd) + b1 = (w1 / sd) x + (b1 - (w1 / sd) mu)
+    w1f = w1 / sd.double()[None, :]
+    b1f = b1 - w1f @ mu.double()
+    tensors = {"w1": w1f.float().numpy(), "b1": b1f.float().numpy(), "w2": w2.float().numpy(),
+               "b2": b2.float().numpy()}
+    return (tensors, history) if return_history else tensors
+
+
+def plan_layer(layer: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+               opts: MethodOptions, stats=None) -> MoEPlan:
+    if stats is None:
+        raise UserError("moefication needs calibration data (--calib)")
+    split = opts.extra.get("split", "param")
+    router_kind = opts.extra.get("router", "similarity")
+    d_ff, d = gate.shape
+    m = d_ff // opts.experts
+    k = opts.routed
+    top_k = opts.top_k if opts.top_k is not None else default_top_k(opts)
+    x = stats.x
+    info: dict = {"split": split, "router": router_kind, "calib_tokens": int(x.shape[0])}
+
+    if opts.shared:
+        mass = torch.zeros(d_ff, dtype=torch.float64)
+        for h in _abs_h(x, gate, up):
+            mass += h.double().sum(0)
+        imp = (mass / x.shape[0] * down.double().norm(dim=0)).numpy()
+        order = np.lexsort((np.arange(d_ff), -imp))
+        shared = np.sort(order[:opts.shared * m])
+        rest = np.sort(order[opts.shared * m:])
+    else:
+        shared = np.zeros(0, dtype=np.int64)
+        rest = np.arange(d_ff)
+
+    g_norm = F.normalize(gate.double(), dim=1).numpy()
+    if split == "param":
+        labels = balanced_kmeans(g_norm[rest], k, seed=stats.seed)
+    else:
+        labels = balanced_kmeans(_coact_embedding(x, gate, up, rest, k), k, seed=stats.seed)
+    experts = groups(labels, rest, k)
+
+    if router_kind == "similarity":
+        centres = np.stack([g_norm[e].mean(0) for e in experts])
+        router = Router("linear", {"weight": centres})
+    else:
+        target = torch.zeros(x.shape[0], k)
+        ex = torch.as_tensor(experts)
+        sub_g, sub_u = gate[ex.reshape(-1)], up[ex.reshape(-1)]
+        s = 0
+        for h in _abs_h(x, sub_g, sub_u):
+            per = h.reshape(h.shape[0], k, m).sum(2)
+            target[s:s + h.shape[0]] = per / per.sum(1, keepdim=True).clamp_min(1e-12)
+            s += h.shape[0]
+        tensors, hist = train_mlp_router(x, target, seed=stats.seed, return_history=True)
+        router = Router("mlp", tensors)
+        info["router_heldout_bce"] = [round(hist[0], 6), round(min(hist), 6)]
+        info["router_epochs"] = len(hist) - 1
+    return MoEPlan(layer=layer, d_ff=d_ff, experts=experts, top_k=top_k, router=router, shared=shared, info=info)

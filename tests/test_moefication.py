@@ -1,0 +1,106 @@
+"""MoEfication: equal-size experts from both splits, exactness with every expert active, the trained MLP router
+lowers its held-out loss, determinism, the oracle, and the GGUF router tensors."""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from gguf_moeify.adapters import adapter_for
+from gguf_moeify.calibration import LayerCalib
+from gguf_moeify.checkpoint import Checkpoint
+from gguf_moeify.convert import convert, make_plans
+from gguf_moeify.methods import MethodOptions
+from gguf_moeify.methods.moefication import plan_layer, train_mlp_router
+from gguf_moeify.moe_torch import MoEMLP, router_scores
+from gguf_moeify.reference import load_dense, logits_fn, moeify_
+
+from conftest import ROOT
+
+CALIB = str(ROOT / "tests" / "data" / "austen_prideprejudice_excerpt.txt")
+
+
+def _layer(seed=0, d=16, d_ff=64, T=300):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(d_ff, d, generator=g), torch.randn(d_ff, d, generator=g), torch.randn(d, d_ff, generator=g),
+            torch.randn(T, d, generator=g))
+
+
+@pytest.mark.parametrize("split", ["param", "coact"])
+@pytest.mark.parametrize("shared", [0, 2])
+def test_splits_are_equal_size_partitions(split, shared):
+    gate, up, down, x = _layer()
+    opts = MethodOptions(experts=8, shared=shared, top_k=2, extra={"split": split, "router": "similarity"})
+    plan = plan_layer(0, gate, up, down, opts, LayerCalib(x=x))
+    assert plan.experts.shape == (8 - shared, 8) and plan.shared_width == 8 * shared
+    every = np.concatenate([plan.shared, plan.experts.reshape(-1)])
+    assert sorted(every.tolist()) == list(range(64))
+    again = plan_layer(0, gate, up, down, opts, LayerCalib(x=x))
+    assert np.array_equal(plan.experts, again.experts)
+    # similarity router = mean normalised gate rows of each expert, as a linear router
+    gn = torch.nn.functional.normalize(gate, dim=1)
+    assert np.allclose(plan.router.tensors["weight"], gn[torch.as_tensor(plan.experts)].mean(1).numpy(), atol=1e-6)
+
+
+def test_mlp_router_training_lowers_heldout_loss_and_folds_standardisation():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 12, generator=g) * 5 + 3                       # un-normalised inputs
+    logits = torch.tanh(x @ torch.randn(12, 6, generator=g) / 10) @ torch.randn(6, 6, generator=g)
+    target = torch.softmax(logits, 1)
+    tensors, hist = train_mlp_router(x, target, seed=1, return_history=True)
+    assert min(hist) < 0.9 * hist[0]
+    again = train_mlp_router(x, target, seed=1)
+    assert all(np.array_equal(tensors[k], again[k]) for k in tensors)
+    # the written router takes raw x: its ranking agrees with the targets on most tokens
+    s = router_scores("mlp", {k: torch.as_tensor(v) for k, v in tensors.items()}, x)
+    assert (s.argmax(1) == target.argmax(1)).float().mean() > 0.6
+
+
+def test_oracle_picks_experts_by_output_norm():
+    gate, up, down, x = _layer(1)
+    plan = plan_layer(0, gate, up, down, MethodOptions(experts=8, top_k=2, extra={"split": "param"}),
+                      LayerCalib(x=x))
+    moe = MoEMLP(plan, gate, up, down, oracle=True)
+    xt = x[:10]
+    norms = torch.stack([moe._expert(e, xt).norm(dim=-1) for e in range(8)], -1)
+    assert torch.equal(moe.select(xt).sort(1).values, torch.topk(norms, 2).indices.sort(1).values)
+    # the oracle beats the similarity router at reconstructing the dense output
+    dense = (torch.nn.functional.silu(xt @ gate.t()) * (xt @ up.t())) @ down.t()
+    err_oracle = (moe(xt) - dense).norm()
+    moe.oracle = False
+    assert err_oracle <= (moe(xt) - dense).norm()
+
+
+@pytest.mark.parametrize("split,router", [("param", "similarity"), ("coact", "mlp")])
+def test_all_experts_active_reproduces_dense(tiny_models, split, router):
+    ckpt = Checkpoint(tiny_models["qwen2"])
+    adapter = adapter_for(ckpt.config)
+    model, _ = load_dense(ckpt, tokenizer=False)
+    ids = torch.randint(0, ckpt.config["vocab_size"], (1, 40), generator=torch.Generator().manual_seed(3))
+    dense = logits_fn(model)(ids)
+    opts = MethodOptions(experts=4, top_k=4, calib=CALIB, calib_samples=2, calib_seqlen=48,
+                         extra={"split": split, "router": router})
+    import gguf_moeify.calibration as cal   # the tiny SentencePiece tokenizer needs protobuf: random tokens
+    orig = cal.calib_tokens
+    cal.calib_tokens = lambda *a, **k: torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
+    try:
+        plans = make_plans(ckpt, adapter, "moefication", opts, progress=False)
+    finally:
+        cal.calib_tokens = orig
+    assert plans[0].router.kind == ("linear" if router == "similarity" else "mlp")
+    moeify_(model, adapter, plans)
+    moe = logits_fn(model)(ids)
+    assert ((moe - dense).abs().max() / dense.abs().max()).item() < 1e-5
+
+
+def test_gguf_has_mlp_router(tiny_models, tmp_path):
+    opts = MethodOptions(experts=4, shared=1, top_k=1, calib=CALIB, calib_samples=2, calib_seqlen=48,
+                         extra={"split": "param", "router": "mlp"})
+    out = convert(str(tiny_models["llama"]), tmp_path / "m.gguf", "moefication", opts, outtype="f32",
+                  progress=False)
+    t = {x.name: x for x in gguf.GGUFReader(out).tensors}
+    assert tuple(t["blk.0.ffn_gate_inp.weight"].shape) == (64, 3)
+    assert tuple(t["blk.0.ffn_gate_inp.bias"].shape) == (3,)
+    assert tuple(t["blk.1.ffn_gate_inp_out.weight"].shape) == (3, 3)
+    assert tuple(t["blk.1.ffn_gate_inp_out.bias"].shape) == (3,)
