@@ -10,13 +10,14 @@ from .errors import UserError
 from .gguf_writer import OUTTYPES
 from .methods import METHOD_NAMES, MethodOptions
 
-COMMANDS = ("convert", "inspect", "eval", "demo-model")
+COMMANDS = ("convert", "inspect", "eval", "demo-model", "bench")
 
 _EPILOG = """commands:
   MODEL OUT.gguf [options]   convert (the default command; same as `convert MODEL OUT.gguf`)
   inspect FILE.gguf          print a GGUF's MoE layout per layer
   eval MODEL --text FILE     perplexity of dense vs converted in the torch reference
   demo-model DIR             build the embedded SmolLM2-135M-Instruct as an HF folder (offline)
+  bench ...                  perplexity, KL-divergence and speed of dense vs MoE GGUFs in llama.cpp
 Run `python -m gguf_moeify COMMAND --help` for each command's options."""
 
 
@@ -156,6 +157,13 @@ def _run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":  # its own parser (gguf_moeify/bench.py)
+        try:
+            from .bench import main as bench_main
+            return bench_main(argv[1:])
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "convert")
     args = build_parser().parse_args(argv)
