@@ -102,7 +102,17 @@ def _coact_embedding(x, gate, up, idx: np.ndarray, k: int) -> np.ndarray:
 def train_mlp_router(x: torch.Tensor, target: torch.Tensor, seed: int = 0, epochs: int = MLP_EPOCHS,
                      return_history: bool = False):
     """x (T, d), target (T, E) in [0, 1] -> dict of router tensors (w1, b1, w2, b2) taking raw x, and optionally
-    the held-out loss per epoch (index 0: before training)."""
+    the held-out loss per epoch (index 0: before training). Runs on one thread: the steps are tiny, and torch's
+    thread pool on a busy machine made them 50-100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_mlp_router(x, target, seed, epochs, return_history)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_mlp_router(x, target, seed, epochs, return_history):
     gen = torch.Generator().manual_seed(seed)
     T, d = x.shape
     E = target.shape[1]
