@@ -1,0 +1,222 @@
+"""SYNTHETIC models for speed measurements: GGUF files of real shapes (1B-class, 7B-class) with random weights.
+
+Decode speed on a CPU depends on the shapes, the types and how many experts are read per token, not on the values,
+so a laptop-sized benchmark does not need a real 7B checkpoint. The files are written directly with gguf-py in the
+patched-runtime contract (``patches/README.md``) for the ``llama`` architecture:
+
+- dense: ``token_embd`` (tied output), per layer ``attn_norm``, ``attn_{q,k,v,output}``, ``ffn_norm``,
+  ``ffn_{gate,up,down}``, then ``output_norm``;
+- MoE: the same with ``ffn_gate_inp`` (E, d) f32 (a linear router) and ``ffn_{gate,up,down}_exps`` (E experts of
+  n_ff/E neurons), ``expert_weights_unit`` true, ``expert_used_count`` K.
+
+Quantized weights are random blocks written as bytes (random nibbles/int8 with a fixed scale that gives a weight
+std of ~0.02), so a 7B-class file is written at disk speed; no float tensor of the full size is ever made.
+The tokenizer (keys ``tokenizer.*``) is copied from a small real GGUF (the embedded SmolLM2, vocabulary 49152).
+Every file says it is synthetic: ``general.name`` starts with "SYNTHETIC" and ``gguf_moeify.synthetic`` is true.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    n_embd: int
+    n_ff: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+
+
+SHAPES = {
+    "1b": Shape("1b", 2048, 8192, 16, 16, 16),
+    "7b": Shape("7b", 4096, 11008, 32, 32, 32),
+    "tiny": Shape("tiny", 256, 1024, 2, 4, 4),  # for tests
+}
+
+WEIGHT_STD = 0.02
+_TYPES = ("f16", "q8_0", "q4_0")
+
+
+def _qt(outtype: str):
+    import gguf
+    T = gguf.GGMLQuantizationType
+    return {"f32": T.F32, "f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[outtype]
+
+
+def _random_tensor(rng: np.random.Generator, shape: tuple[int, ...], outtype: str) -> np.ndarray:
+    """Encoded data (what gguf-py writes) of a random tensor with weight std ~WEIGHT_STD."""
+    import gguf
+    if outtype == "f32":
+        return (rng.standard_normal(shape, dtype=np.float32) * WEIGHT_STD)
+    if outtype == "f16":
+        return (rng.standard_normal(shape, dtype=np.float32) * WEIGHT_STD).astype(np.float16)
+    qt = _qt(outtype)
+    block, nbytes = gguf.GGML_QUANT_SIZES[qt]
+    if shape[-1] % block:
+        raise UserError(f"synthetic {outtype}: last dimension {shape[-1]} is not a multiple of {block}")
+    byte_shape = tuple(gguf.quants.quant_shape_to_byte_shape(shape, qt))
+    data = rng.integers(0, 256, size=byte_shape, dtype=np.uint8)
+    blocks = data.reshape(-1, nbytes)
+    # q4_0: value = (nibble - 8) * d, nibble uniform in 0..15 -> std 4.61 d; q8_0: int8 uniform -> std 73.9 d
+    d = WEIGHT_STD / (4.61 if outtype == "q4_0" else 73.9)
+    blocks[:, :2] = np.frombuffer(np.float16(d).tobytes(), dtype=np.uint8)
+    return data
+
+
+def tokenizer_source() -> Path:
+    from .demo_model import embedded_gguf_path
+    return embedded_gguf_path()
+
+
+def write_synthetic(out: str | os.PathLike, shape: Shape, outtype: str = "q4_0", experts: int = 0, top_k: int = 0,
+                    seed: int = 0, tokenizer_gguf: str | os.PathLike | None = None, ctx: int = 4096) -> Path:
+    """Write a SYNTHETIC dense (``experts == 0``) or MoE (E ``experts``, ``top_k`` used, unit weights) GGUF.
+    Embedding (tied output) is q8_0 in q4_0 files, as the converter does. Written via a temporary file."""
+    import gguf
+    if outtype not in _TYPES:
+        raise UserError(f"synthetic models support {', '.join(_TYPES)}, not {outtype!r}")
+    if experts:
+        if shape.n_ff % experts:
+            raise UserError(f"{experts} experts do not divide n_ff {shape.n_ff}")
+        if not 1 <= top_k <= experts:
+            raise UserError(f"top-k {top_k} must be between 1 and {experts}")
+    out = Path(out)
+    tok = gguf.GGUFReader(tokenizer_gguf or tokenizer_source())
+    tok_keys = [(k, f.contents(), list(f.types)) for k, f in tok.fields.items() if k.startswith("tokenizer.")]
+    n_vocab = len(tok.fields["tokenizer.ggml.tokens"].contents())
+    d, hd = shape.n_embd, shape.n_embd // shape.n_head
+    kind = f"MoE E{experts} K{top_k} ({top_k / experts:.0%} active)" if experts else "dense"
+    meta = {"synthetic": True, "shape": asdict(shape), "outtype": outtype, "experts": experts, "top_k": top_k,
+            "seed": seed, "weights": "random"}
+    tmp = out.with_name(f".{out.name}.tmp")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_name(f"SYNTHETIC {shape.name} {kind} random weights")
+    w.add_bool("gguf_moeify.synthetic", True)
+    w.add_string("gguf_moeify.synthetic_recipe", json.dumps(meta, sort_keys=True))
+    w.add_context_length(ctx)
+    w.add_embedding_length(d)
+    w.add_block_count(shape.n_layer)
+    w.add_feed_forward_length(shape.n_ff)
+    w.add_head_count(shape.n_head)
+    w.add_head_count_kv(shape.n_head_kv)
+    w.add_rope_dimension_count(hd)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(n_vocab)
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(top_k)
+        w.add_expert_feed_forward_length(shape.n_ff // experts)
+        w.add_uint32("llama.expert_router_type", 0)
+        w.add_bool("llama.expert_weights_unit", True)
+    from .gguf_writer import _copy_key, file_type
+    w.add_file_type(file_type(outtype))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for k, v, types in tok_keys:
+        _copy_key(w, k, v, types)
+
+    emb_type = "q8_0" if outtype == "q4_0" else outtype
+    entries: list[tuple[str, tuple[int, ...], str]] = [("token_embd.weight", (n_vocab, d), emb_type)]
+    for i in range(shape.n_layer):
+        b = f"blk.{i}."
+        entries += [(b + "attn_norm.weight", (d,), "f32"),
+                    (b + "attn_q.weight", (shape.n_head * hd, d), outtype),
+                    (b + "attn_k.weight", (shape.n_head_kv * hd, d), outtype),
+                    (b + "attn_v.weight", (shape.n_head_kv * hd, d), outtype),
+                    (b + "attn_output.weight", (d, shape.n_head * hd), outtype),
+                    (b + "ffn_norm.weight", (d,), "f32")]
+        if experts:
+            f = shape.n_ff // experts
+            entries += [(b + "ffn_gate_inp.weight", (experts, d), "f32"),
+                        (b + "ffn_gate_exps.weight", (experts, f, d), outtype),
+                        (b + "ffn_up_exps.weight", (experts, f, d), outtype),
+                        (b + "ffn_down_exps.weight", (experts, d, f), outtype)]
+        else:
+            entries += [(b + "ffn_gate.weight", (shape.n_ff, d), outtype),
+                        (b + "ffn_up.weight", (shape.n_ff, d), outtype),
+                        (b + "ffn_down.weight", (d, shape.n_ff), outtype)]
+    entries.append(("output_norm.weight", (d,), "f32"))
+
+    def layout(shp, t):
+        if t == "f32":
+            return np.dtype(np.float32), shp
+        if t == "f16":
+            return np.dtype(np.float16), shp
+        return np.dtype(np.uint8), tuple(gguf.quants.quant_shape_to_byte_shape(shp, _qt(t)))
+
+    try:
+        for name, shp, t in entries:
+            dt, bshape = layout(shp, t)
+            w.add_tensor_info(name, bshape, dt, int(np.prod(bshape)) * dt.itemsize, raw_dtype=_qt(t))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        rng = np.random.default_rng(seed)
+        for name, shp, t in entries:
+            if name.endswith("norm.weight"):
+                data = np.ones(shp, dtype=np.float32)
+            elif t == "f32":
+                data = rng.standard_normal(shp, dtype=np.float32) * np.float32(1 / np.sqrt(shp[-1]))
+            else:
+                data = _random_tensor(rng, shp, t)
+            w.write_tensor_data(data)
+        w.close()
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def is_synthetic(path: str | os.PathLike) -> bool:
+    import gguf
+    f = gguf.GGUFReader(path).fields.get("gguf_moeify.synthetic")
+    return bool(f.contents()) if f is not None else False
+
+
+def bytes_per_token(path: str | os.PathLike) -> dict:
+    """Weight bytes one decoded token reads from ``path`` (any llama-style GGUF, MoE or dense): every layer tensor,
+    routed experts scaled by K/E (the K chosen of E), one row of the token embedding, the output projection (the
+    embedding again when tied) and norms. KV-cache reads (grow with the context) are not counted."""
+    import gguf
+    r = gguf.GGUFReader(path)
+    fields = r.fields
+    arch = fields["general.architecture"].contents()
+    e = fields.get(f"{arch}.expert_count")
+    k = fields.get(f"{arch}.expert_used_count")
+    n_exp = int(e.contents()) if e is not None else 0
+    n_used = int(k.contents()) if k is not None else 0
+    parts = {"embedding_row": 0, "output": 0, "attention": 0, "router": 0, "experts_active": 0, "experts_all": 0,
+             "dense_ffn": 0, "shared_expert": 0, "norms": 0}
+    names = {t.name: int(t.n_bytes) for t in r.tensors}
+    for name, nb in names.items():
+        if name == "token_embd.weight":
+            rows = int(r.tensors[[t.name for t in r.tensors].index(name)].shape[1])
+            parts["embedding_row"] += nb // rows
+            if "output.weight" not in names:
+                parts["output"] += nb
+        elif name == "output.weight":
+            parts["output"] += nb
+        elif "_exps." in name:
+            parts["experts_all"] += nb
+            parts["experts_active"] += nb * n_used // max(n_exp, 1)
+        elif "_shexp." in name:
+            parts["shared_expert"] += nb
+        elif "ffn_gate_inp" in name or "ffn_up_inp" in name:
+            parts["router"] += nb
+        elif ".attn_" in name and "norm" not in name:
+            parts["attention"] += nb
+        elif name.endswith(("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")):
+            parts["dense_ffn"] += nb
+        else:
+            parts["norms"] += nb
+    total = sum(v for key, v in parts.items() if key != "experts_all")
+    return {"total": total, "file_bytes": sum(names.values()), "experts": n_exp, "top_k": n_used, **parts}

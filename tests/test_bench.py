@@ -1,0 +1,139 @@
+"""``python -m gguf_moeify bench``: the whole benchmark on a tiny model (two configurations), the configuration
+syntax and its fraction mapping, SYNTHETIC files (layout, labels, bytes per token) and user errors."""
+from __future__ import annotations
+
+import json
+
+import gguf
+import pytest
+
+from gguf_moeify.bench import main as bench_main
+from gguf_moeify.bench import map_fraction, parse_configs
+from gguf_moeify.cli import main as cli_main
+from gguf_moeify.errors import UserError
+from gguf_moeify.llama_cpp import find_llama_cpp
+from gguf_moeify.synthetic import SHAPES, bytes_per_token, is_synthetic, write_synthetic
+
+from conftest import eval_text_path
+
+ROW_FIELDS = {"label", "method", "experts", "shared", "top_k", "active_fraction", "outtype", "file", "reused",
+              "file_bytes", "bytes_per_token", "ppl", "kld", "kld_err", "top1", "top1_err", "pp_ts", "pp_ts_std",
+              "tg_ts", "tg_ts_std", "peak_rss_mib", "tg_speedup", "bw_limit_speedup", "protocol", "synthetic"}
+
+
+@pytest.fixture(scope="module")
+def tools():
+    try:
+        return find_llama_cpp("patched")
+    except UserError as exc:
+        pytest.skip(str(exc))
+
+
+def _png_points(path) -> int:
+    from PIL import Image
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
+        im.load()
+        return int(im.text["gguf_moeify.points"])
+
+
+def test_whole_bench_on_tiny_model(tools, tiny_models, tmp_path):
+    text = tmp_path / "eval.txt"
+    text.write_text(eval_text_path().read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    out = tmp_path / "out"
+    argv = ["bench", str(tiny_models["llama"]), "--configs", "mlpmoe:1:q8_0,moefication:S0A4E8:q8_0",
+            "--calib", str(text), "--calib-samples", "2", "--calib-seqlen", "64", "--text", str(text),
+            "--ctx", "64", "--chunks", "4", "-p", "8", "-n", "4", "-r", "3", "-t", "2", "-o", str(out), "-q"]
+    assert cli_main(argv) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["dense", "mlpmoe", "moefication"]
+    for r in rows:
+        assert ROW_FIELDS <= set(r), ROW_FIELDS - set(r)
+        assert r["synthetic"] is False and r["outtype"] == "q8_0"
+        assert r["ppl"] > 1 and r["kld"] >= 0 and 0 <= r["top1"] <= 1
+        assert r["pp_ts"] > 0 and r["tg_ts"] > 0 and r["tg_ts_std"] >= 0 and r["peak_rss_mib"] > 1
+        assert r["protocol"]["ctx"] == 64 and r["protocol"]["chunks"] == 4
+        assert r["protocol"]["llama_bench"]["reps"] == 3
+    dense, mlp, mf = rows
+    assert dense["tg_speedup"] == 1.0 and dense["bw_limit_speedup"] == 1.0
+    # all experts active is the dense function: same perplexity and (nearly) the same logits
+    assert abs(mlp["ppl"] - dense["ppl"]) / dense["ppl"] < 1e-3
+    assert mlp["kld"] < 0.01 and mlp["top1"] > 0.8
+    assert (mf["experts"], mf["shared"], mf["top_k"], mf["active_fraction"]) == (8, 0, 4, 0.5)
+    assert mf["bytes_per_token"] < dense["bytes_per_token"]
+    # table: header, separator, one line per model
+    md = (out / "results.md").read_text()
+    table = [ln for ln in md.splitlines() if ln.startswith("|")]
+    assert len(table) == 2 + 3
+    assert "| PPL |" in table[0] and "tg t/s" in table[0]
+    assert table[2].startswith("| dense q8_0 |") and "moefication 50% (S0A4E8) q8_0" in table[4]
+    assert _png_points(out / "plot.png") == 3
+
+    # a second run reuses every file (recipes recorded in the GGUF / the dense sidecar)
+    argv2 = argv[:]
+    argv2[argv2.index("-n") + 1] = "2"
+    assert cli_main(argv2) == 0
+    rows2 = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert all(r["reused"] for r in rows2)
+
+
+def test_config_syntax_and_fraction_mapping():
+    cs = parse_configs("mlpmoe:1:q8_0, cmoe:0.25:q4_0,cmoe:50%:q4_0,moefication:0.75:q8_0,cmoe:S1A3E16:q8_0",
+                       synthetic=False)
+    assert [(c.method, c.shared, c.top_k, c.experts, c.outtype) for c in cs] == [
+        ("mlpmoe", 0, 8, 8, "q8_0"), ("cmoe", 2, 2, 16, "q4_0"), ("cmoe", 4, 4, 16, "q4_0"),
+        ("moefication", 0, 12, 16, "q8_0"), ("cmoe", 1, 3, 16, "q8_0")]
+    assert [c.active_fraction for c in cs] == [1.0, 0.25, 0.5, 0.75, 0.25]
+    assert map_fraction("cmoe", 0.75, None) == (16, 6, 6)
+    assert map_fraction("moefication", 0.25, 8) == (8, 0, 2)
+    assert [(c.top_k, c.experts) for c in parse_configs("moe:0.25:q4_0,moe:0.5:q4_0", synthetic=True)] == \
+        [(4, 16), (8, 16)]
+    for bad in ("cmoe:0.25", "foo:0.5:q8_0", "cmoe:0.5:q9_9", "cmoe:1.5:q8_0", "mlpmoe:0.5:q8_0",
+                "cmoe:S16A1E16:q8_0", "cmoe:0.01:q8_0", "cmoe:0.5:q8_0,cmoe:50%:q8_0", "cmoe:x:q8_0"):
+        with pytest.raises(UserError):
+            parse_configs(bad, synthetic=False)
+    with pytest.raises(UserError):
+        parse_configs("cmoe:0.5:q4_0", synthetic=True)
+
+
+def test_user_errors_are_one_line(tmp_path, capsys):
+    for argv in (["bench", "--configs", "mlpmoe:1:q8_0"],                                  # no model
+                 ["bench", str(tmp_path / "missing"), "--configs", "mlpmoe:1:q8_0", "--text", "x"],
+                 ["bench", "--synthetic", "1b", "--configs", "moe:0.25:q4_0", "-r", "2"],  # reps < 3
+                 ["bench", "--synthetic", "1b", "--configs", "cmoe:0.25:q4_0"]):
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "Traceback" not in err
+
+
+def test_synthetic_files_layout_and_bandwidth(tmp_path):
+    shape = SHAPES["tiny"]
+    dense = write_synthetic(tmp_path / "d.gguf", shape, "q4_0")
+    moe = write_synthetic(tmp_path / "m.gguf", shape, "q4_0", experts=16, top_k=4)
+    assert is_synthetic(dense) and is_synthetic(moe)
+    r = gguf.GGUFReader(moe)
+    assert r.fields["general.name"].contents().startswith("SYNTHETIC")
+    assert r.fields["llama.expert_weights_unit"].contents() is True
+    assert int(r.fields["llama.expert_count"].contents()) == 16
+    assert int(r.fields["llama.expert_feed_forward_length"].contents()) == shape.n_ff // 16
+    assert "tokenizer.ggml.tokens" in r.fields
+    t = {x.name: x for x in r.tensors}
+    assert t["blk.0.ffn_gate_exps.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_0
+    assert t["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert t["blk.0.ffn_gate_inp.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    bd, bm = bytes_per_token(dense), bytes_per_token(moe)
+    assert bm["experts_active"] * 4 == bm["experts_all"] == bd["dense_ffn"]
+    assert bm["attention"] == bd["attention"] and bm["output"] == bd["output"]
+    assert bm["total"] == bd["total"] - bd["dense_ffn"] + bm["experts_active"] + bm["router"]
+
+
+def test_synthetic_bench_speed_only(tools, tmp_path):
+    out = tmp_path / "syn"
+    assert bench_main(["--synthetic", "tiny", "--configs", "moe:0.25:q4_0", "-p", "8", "-n", "4", "-t", "1",
+                       "-o", str(out), "-q"]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["synthetic"] and r["label"].startswith("SYNTHETIC") for r in rows)
+    assert "ppl" not in rows[1] and rows[1]["bw_limit_speedup"] > 1 and rows[1]["tg_vs_limit"] > 0
+    md = (out / "results.md").read_text()
+    assert "SYNTHETIC" in md and "Bandwidth limit" in md
+    assert _png_points(out / "plot.png") == 2
