@@ -397,7 +397,8 @@ def plot(rows: list[dict], path: Path, y: str, title: str) -> int:
         ax.set_yscale("log")
     ax.set_xlabel("decode tokens/s (llama-bench tg, higher is better)")
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    import textwrap
+    ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -447,7 +448,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="moefication router (default: %(default)s)")
     p.add_argument("--work-dir", default=None, help="where model files are written and reused "
                                                     "(default: OUT_DIR/models)")
-    p.add_argument("--out-dir", "-o", default="bench-out", help="results folder (default: %(default)s)")
+    p.add_argument("--out-dir", "-o", default="out/bench", help="results folder (default: %(default)s)")
     p.add_argument("--plot-y", default="ppl", choices=("ppl", "kld"), help="y axis of the plot "
                                                                            "(default: %(default)s)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
