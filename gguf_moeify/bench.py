@@ -10,8 +10,10 @@ For one source model and a list of configurations ``METHOD:ACTIVE:OUTTYPE`` (com
 3. quality: one ``llama-perplexity --kl-divergence`` run per model against the base logits (windows of ``--ctx``
    tokens, the first ``--chunks`` of them, second half of each window scored): perplexity, mean KLD, and top-1
    agreement ("Same top p");
-4. speed: ``llama-bench`` (``-p``/``-n`` tokens, ``-t`` threads, ``-r`` repetitions; mean ± std tokens/s) and peak
-   memory (max RSS of that llama-bench process, weights are mmapped so resident weights count);
+4. speed: ``llama-bench`` (``-p``/``-n`` tokens, ``-t`` threads) in ``-r`` rounds, each round one repetition of
+   every model in turn (so a change of load on a shared machine hits all models alike; llama-bench warms up before
+   each), mean ± sample std over the rounds; peak memory = max RSS of the llama-bench process (weights are
+   mmapped, so resident weights count; CPU repacking of q4_0/q8_0 weights adds a copy);
 5. bandwidth limit: weight bytes read per decoded token (``synthetic.bytes_per_token``) and the decode speedup that
    bytes alone would allow vs the dense file of the same outtype;
 6. results: ``results.jsonl`` (one object per model), ``results.md`` (table), ``plot.png`` (perplexity, or KLD with
@@ -142,7 +144,8 @@ def parse_configs(text: str, synthetic: bool, experts: int | None = None) -> lis
 
 # ---------------------------------------------------------------- progress
 class Progress:
-    """One line per step on stderr: [i/n] configuration: step (elapsed, time left estimated from finished steps)."""
+    """One line per step on stderr: [k/n] model: step (elapsed, time left estimated from the finished units: one
+    conversion + quality run per model, then one llama-bench run per model and speed round)."""
 
     def __init__(self, n_models: int, quiet: bool = False):
         self.n, self.done, self.t0, self.quiet = n_models, 0, time.time(), quiet
@@ -152,7 +155,7 @@ class Progress:
             return
         el = time.time() - self.t0
         left = f", ~{_dur(el / self.done * (self.n - self.done))} left" if self.done else ""
-        print(f"[{i}/{self.n}] {label}: {what} ({_dur(el)} elapsed{left})", file=sys.stderr, flush=True)
+        print(f"[{self.done + 1}/{self.n}] {label}: {what} ({_dur(el)} elapsed{left})", file=sys.stderr, flush=True)
 
     def finish_model(self) -> None:
         self.done += 1
@@ -380,11 +383,12 @@ def plot(rows: list[dict], path: Path, y: str, title: str) -> int:
             continue
         dense = r["method"] == "dense"
         key = (r["method"], r["outtype"])
-        ax.scatter([r["tg_ts"]], [yv], s=160 if dense else 55, c=_COLORS.get(r["method"], "gray"),
+        color = ("black" if r["outtype"] != "q4_0" else "dimgray") if dense else _COLORS.get(r["method"], "gray")
+        ax.scatter([r["tg_ts"]], [yv], s=160 if dense else 55, c=color,
                    marker="*" if dense else _MARKERS.get(r["outtype"], "o"), edgecolors="k", linewidths=0.5,
                    label=f"{r['method']} {r['outtype']}" if key not in seen else None, zorder=3)
         seen.add(key)
-        ax.annotate("dense" if dense else f"{r['active_fraction']:.0%}", (r["tg_ts"], yv),
+        ax.annotate(f"dense {r['outtype']}" if dense else f"{r['active_fraction']:.0%}", (r["tg_ts"], yv),
                     textcoords="offset points", xytext=(5, 4), fontsize=8)
         n += 1
     if synthetic:
@@ -501,7 +505,7 @@ def main(argv: list[str]) -> int:
         n_models = len(models) + 1
     else:
         n_models = len(models)
-    prog = Progress(n_models, args.quiet)
+    prog = Progress(n_models + len(models) * args.reps, args.quiet)
     protocol = {"ctx": args.ctx, "chunks": args.chunks, "text": None if synthetic else str(args.text),
                 "scored_per_chunk": args.ctx // 2 - 1 if not synthetic else None, "kld_base": None,
                 "llama_bench": {"n_prompt": args.n_prompt, "n_gen": args.n_gen, "threads": threads,
@@ -526,7 +530,6 @@ def main(argv: list[str]) -> int:
             protocol["kld_base"] = {"outtype": args.kld_base, "file": str(base_path), "ppl": base.final_ppl}
             if args.kld_base not in outtypes:
                 prog.finish_model()
-        dense_rows: dict[str, dict] = {}
         for c in models:
             i += 1
             t0 = time.time()
@@ -537,7 +540,8 @@ def main(argv: list[str]) -> int:
                 prog.step(i, c.label, "converting with llama.cpp's converter")
                 path, reused = dense_gguf(args.model, c.outtype, work, tools)
             else:
-                prog.step(i, c.label, "converting" + (" (calibration)" if c.method != "mlpmoe" else ""))
+                note = " (calibrating, unless the previous outtype's plans apply)" if c.method != "mlpmoe" else ""
+                prog.step(i, c.label, "converting" + note)
                 path, reused = files.get(c)
             convert_s = time.time() - t0
             label = (f"SYNTHETIC {args.synthetic} " if synthetic else "") + c.label
@@ -553,19 +557,41 @@ def main(argv: list[str]) -> int:
                 kl = tools.kl_divergence(path, base_logits, ctx=args.ctx, chunks=args.chunks, threads=threads)
                 row.update(ppl=kl.ppl, kld=kl.mean_kld, kld_err=kl.mean_kld_err, top1=kl.same_top_p,
                            top1_err=kl.same_top_p_err)
-            prog.step(i, label, f"llama-bench pp{args.n_prompt} tg{args.n_gen} x{args.reps}, {threads} threads")
-            row.update(run_llama_bench(tools, path, args.n_prompt, args.n_gen, threads, args.reps))
             row["protocol"] = protocol
-            if c.method == "dense":
-                dense_rows[c.outtype] = row
-            _speed_fields(row, dense_rows)
             rows.append(row)
             prog.finish_model()
-            if not args.quiet:
-                extra = "" if synthetic else f"PPL {row['ppl']:.3f}, KLD {row['kld']:.4f}, top-1 {row['top1']:.1%}, "
-                print(f"    {label}: {extra}pp {row['pp_ts']:.1f} t/s, tg {row['tg_ts']:.2f} ± "
-                      f"{row['tg_ts_std']:.2f} t/s, peak RSS {row['peak_rss_mib']:.0f} MiB",
+            if not args.quiet and not synthetic:
+                print(f"    {label}: PPL {row['ppl']:.3f}, KLD {row['kld']:.4f}, top-1 {row['top1']:.1%}",
                       file=sys.stderr, flush=True)
+
+        # Speed: round-robin, one llama-bench repetition of every model per round (llama-bench warms up first),
+        # so that a change of load on a shared machine hits every model alike; mean ± sample std over the rounds.
+        samples: list[dict] = [{"pp": [], "tg": [], "rss": []} for _ in rows]
+        for rnd in range(args.reps):
+            for j, row in enumerate(rows):
+                prog.step(0, row["label"],
+                          f"speed round {rnd + 1}/{args.reps}: llama-bench pp{args.n_prompt} tg{args.n_gen}, "
+                          f"{threads} threads")
+                b = run_llama_bench(tools, Path(row["file"]), args.n_prompt, args.n_gen, threads, 1)
+                prog.finish_model()
+                samples[j]["pp"].append(b["pp_ts"])
+                samples[j]["tg"].append(b["tg_ts"])
+                samples[j]["rss"].append(b["peak_rss_mib"])
+        dense_rows: dict[str, dict] = {}
+        for row, smp in zip(rows, samples):
+            for key in ("pp", "tg"):
+                v = smp[key]
+                m = sum(v) / len(v)
+                row[f"{key}_ts"], row[f"{key}_samples"] = m, v
+                row[f"{key}_ts_std"] = (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
+            row["peak_rss_mib"] = max(smp["rss"])
+            if row["method"] == "dense":
+                dense_rows[row["outtype"]] = row
+        for row in rows:
+            _speed_fields(row, dense_rows)
+            if not args.quiet:
+                print(f"    {row['label']}: pp {row['pp_ts']:.1f} t/s, tg {row['tg_ts']:.2f} ± {row['tg_ts_std']:.2f} t/s, "
+                      f"peak RSS {row['peak_rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
 
     jl = out_dir / "results.jsonl"
     jl.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))

@@ -16,6 +16,7 @@ Every file says it is synthetic: ``general.name`` starts with "SYNTHETIC" and ``
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -77,6 +78,14 @@ def tokenizer_source() -> Path:
     return embedded_gguf_path()
 
 
+@functools.lru_cache(maxsize=2)
+def _tokenizer_keys(path: str) -> list:
+    """The ``tokenizer.*`` keys of a GGUF (reading a 49k-token vocabulary takes seconds: cached)."""
+    import gguf
+    reader = gguf.GGUFReader(path)
+    return [(k, f.contents(), list(f.types)) for k, f in reader.fields.items() if k.startswith("tokenizer.")]
+
+
 def write_synthetic(out: str | os.PathLike, shape: Shape, outtype: str = "q4_0", experts: int = 0, top_k: int = 0,
                     seed: int = 0, tokenizer_gguf: str | os.PathLike | None = None, ctx: int = 4096) -> Path:
     """Write a SYNTHETIC dense (``experts == 0``) or MoE (E ``experts``, ``top_k`` used, unit weights) GGUF.
@@ -90,9 +99,8 @@ def write_synthetic(out: str | os.PathLike, shape: Shape, outtype: str = "q4_0",
         if not 1 <= top_k <= experts:
             raise UserError(f"top-k {top_k} must be between 1 and {experts}")
     out = Path(out)
-    tok = gguf.GGUFReader(tokenizer_gguf or tokenizer_source())
-    tok_keys = [(k, f.contents(), list(f.types)) for k, f in tok.fields.items() if k.startswith("tokenizer.")]
-    n_vocab = len(tok.fields["tokenizer.ggml.tokens"].contents())
+    tok_keys = _tokenizer_keys(str(tokenizer_gguf or tokenizer_source()))
+    n_vocab = len(next(v for k, v, _ in tok_keys if k == "tokenizer.ggml.tokens"))
     d, hd = shape.n_embd, shape.n_embd // shape.n_head
     kind = f"MoE E{experts} K{top_k} ({top_k / experts:.0%} active)" if experts else "dense"
     meta = {"synthetic": True, "shape": asdict(shape), "outtype": outtype, "experts": experts, "top_k": top_k,

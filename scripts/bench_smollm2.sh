@@ -6,7 +6,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="$ROOT/.venv/bin/python"
-DATA="${DATA:-$ROOT/../shared/data}"
+DATA="$(cd "${DATA:-$ROOT/../shared/data}" && pwd)"
 cd "$ROOT"
 [ -x build/llama-cpp/bin/llama-bench ] || bash scripts/build_llama_cpp.sh
 "$PY" -m gguf_moeify demo-model models/smollm2-135m
