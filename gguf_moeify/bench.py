@@ -590,8 +590,8 @@ def main(argv: list[str]) -> int:
         for row in rows:
             _speed_fields(row, dense_rows)
             if not args.quiet:
-                print(f"    {row['label']}: pp {row['pp_ts']:.1f} t/s, tg {row['tg_ts']:.2f} ± {row['tg_ts_std']:.2f} t/s, "
-                      f"peak RSS {row['peak_rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
+                print(f"    {row['label']}: pp {row['pp_ts']:.1f} t/s, "
+                      f"tg {row['tg_ts']:.2f} ± {row['tg_ts_std']:.2f} t/s, peak RSS {row['peak_rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
 
     jl = out_dir / "results.jsonl"
     jl.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
