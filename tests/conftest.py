@@ -78,3 +78,14 @@ def tiny_models(smollm2_dir, spm_tokenizer_dir, tmp_path_factory) -> dict[str, P
     root = tmp_path_factory.mktemp("tiny")
     tok = {"llama": smollm2_dir, "mistral": smollm2_dir, "qwen2": spm_tokenizer_dir, "qwen3": spm_tokenizer_dir}
     return {arch: make_tiny_model(arch, root / arch, tok[arch], seed=i) for i, arch in enumerate(ARCHS)}
+
+
+@pytest.fixture(scope="module")
+def tools():
+    """The patched llama.cpp build; tests that need it skip with the build command when it is missing."""
+    from gguf_moeify.errors import UserError
+    from gguf_moeify.llama_cpp import find_llama_cpp
+    try:
+        return find_llama_cpp("patched")
+    except UserError as exc:
+        pytest.skip(str(exc))

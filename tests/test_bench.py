@@ -11,7 +11,6 @@ from gguf_moeify.bench import main as bench_main
 from gguf_moeify.bench import map_fraction, parse_configs
 from gguf_moeify.cli import main as cli_main
 from gguf_moeify.errors import UserError
-from gguf_moeify.llama_cpp import find_llama_cpp
 from gguf_moeify.synthetic import SHAPES, bytes_per_token, is_synthetic, write_synthetic
 
 from conftest import eval_text_path
@@ -19,14 +18,6 @@ from conftest import eval_text_path
 ROW_FIELDS = {"label", "method", "experts", "shared", "top_k", "active_fraction", "outtype", "file", "reused",
               "file_bytes", "bytes_per_token", "ppl", "kld", "kld_err", "top1", "top1_err", "pp_ts", "pp_ts_std",
               "tg_ts", "tg_ts_std", "peak_rss_mib", "tg_speedup", "bw_limit_speedup", "protocol", "synthetic"}
-
-
-@pytest.fixture(scope="module")
-def tools():
-    try:
-        return find_llama_cpp("patched")
-    except UserError as exc:
-        pytest.skip(str(exc))
 
 
 def _png_points(path) -> int:

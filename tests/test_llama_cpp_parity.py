@@ -18,14 +18,12 @@ import sys
 import gguf
 import numpy as np
 import pytest
-import torch
 
 from gguf_moeify.adapters import adapter_for
 from gguf_moeify.checkpoint import Checkpoint
 from gguf_moeify.convert import make_plans, provenance, write_model_file
-from gguf_moeify.errors import UserError
 from gguf_moeify.evaluate import perplexity
-from gguf_moeify.llama_cpp import find_llama_cpp, read_saved_tokens, relative_difference
+from gguf_moeify.llama_cpp import read_saved_tokens, relative_difference
 from gguf_moeify.llama_cpp_source import llama_cpp_source
 from gguf_moeify.methods import MethodOptions
 from gguf_moeify.plan import Router
@@ -37,14 +35,6 @@ CTX, CHUNKS = 128, 4
 # Attention in f32: llama.cpp's defaults (flash attention with an f16 KV cache on CPU) perturb the hidden states
 # by ~1e-3 relative, enough to flip close router decisions (CMoE scores); parity is about the file's semantics.
 F32_KV = ["-fa", "off", "-ctk", "f32", "-ctv", "f32"]
-
-
-@pytest.fixture(scope="module")
-def tools():
-    try:
-        return find_llama_cpp("patched")
-    except UserError as exc:
-        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")
