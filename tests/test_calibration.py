@@ -2,7 +2,6 @@
 flow through the converted layers exactly as the torch reference model computes them."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
