@@ -160,6 +160,7 @@ def attention_part(layer, h: torch.Tensor, pe, pos, mask) -> tuple[torch.Tensor,
 def calibrated_plans(ckpt, adapter, method, opts, progress: bool = True, capture: list | None = None):
     """One plan per layer from the layer-sequential pipeline. ``capture`` (optional list) receives the hidden
     states entering each layer and the final ones (for tests)."""
+    from .budget import allocate, error_curve, sample_rows
     from .moe_torch import MoEMLP
     if not opts.calib:
         raise UserError("this method needs calibration text: give --calib FILE|FOLDER|wikitext2")
@@ -168,7 +169,7 @@ def calibrated_plans(ckpt, adapter, method, opts, progress: bool = True, capture
     dtype = ckpt.dtype
     hidden = lm.embed(ids).to(dtype)                          # (N, L, d)
     n, L, d = hidden.shape
-    plans = []
+    plans, curves = [], []
     bar = tqdm(range(ckpt.n_layers), desc=f"calibrating {getattr(method, 'NAME', 'method')}", unit="layer",
                disable=not progress)
     for i in bar:
@@ -185,11 +186,22 @@ def calibrated_plans(ckpt, adapter, method, opts, progress: bool = True, capture
         plan = method.plan_layer(i, gate, up, down, opts, stats)
         plans.append(plan)
         moe = MoEMLP(plan, gate, up, down)
+        if opts.layer_budget == "sensitivity":
+            rows = sample_rows(n * L, opts.seed + i)
+            x_s, r_s = xs.reshape(-1, d)[rows], resid.reshape(-1, d)[rows]
+            dense_out = (torch.nn.functional.silu(x_s @ gate.t()) * (x_s @ up.t())) @ down.t()
+            curves.append(error_curve(moe, x_s, r_s, dense_out))
         for s in range(n):
             hidden[s] = resid[s] + moe(xs[s])
         del layer, moe, resid, xs, stats
     if capture is not None:
         capture.append(hidden.clone())
+    if curves:
+        ks = allocate(curves, sum(p.top_k for p in plans))
+        for p, k, c in zip(plans, ks, curves):
+            p.info["uniform_top_k"] = p.top_k
+            p.info["budget_error_curve"] = [round(float(v), 8) for v in c]
+            p.top_k = k
     return plans
 
 

@@ -52,13 +52,22 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split", default="param", choices=("param", "coact"),
                    help="moefication: experts by balanced k-means on normalised gate rows (param) or by a "
                         "spectral partition of the co-activation graph (coact) (default: %(default)s)")
-    g.add_argument("--router", default="similarity", choices=("similarity", "mlp"),
-                   help="moefication: expert-centre similarity router or a trained 2-layer MLP router "
-                        "(default: %(default)s)")
-    c = p.add_argument_group("calibration (cmoe, moefication)")
+    g.add_argument("--router", default=None, choices=("similarity", "mlp", "linear"),
+                   help="moefication: expert-centre similarity router or a trained 2-layer MLP router (default: "
+                        "similarity); finegrained: MLP router trained on the oracle's choices, or a least-squares "
+                        "linear router (default: mlp)")
+    g.add_argument("--router-hidden", type=int, default=None,
+                   help="finegrained: width of the MLP router's tanh layer (default: 128)")
+    g.add_argument("--stat", default="weighted", choices=("weighted", "activation"),
+                   help="finegrained: neuron importance |h|*||W_down column|| (weighted) or |h| alone "
+                        "(activation, the papers' statistic) (default: %(default)s)")
+    g.add_argument("--layer-budget", default="uniform", choices=("uniform", "sensitivity"),
+                   help="data-driven methods: same top-k in every layer, or per-layer top-k spread by measured "
+                        "sensitivity with the same average (needs the patched runtime; default: %(default)s)")
+    c = p.add_argument_group("calibration (cmoe, moefication, finegrained)")
     c.add_argument("--calib", default=None, metavar="FILE|DIR|wikitext2",
                    help="calibration text: a UTF-8 file, a folder of .txt files, or wikitext2 (WikiText-2 train via "
-                        "the `datasets` package, online only); required by cmoe and moefication (default: none)")
+                        "the `datasets` package, online only); required by cmoe, moefication and finegrained (default: none)")
     c.add_argument("--calib-samples", type=int, default=8,
                    help="calibration windows, drawn at random starts (default: %(default)s)")
     c.add_argument("--calib-seqlen", type=int, default=2048,
@@ -84,12 +93,19 @@ def _opts(args) -> MethodOptions:
     if args.method == "cmoe" and args.ka is not None:
         extra["ka"] = args.ka
     if args.method == "moefication":
-        extra.update(split=args.split, router=args.router)
+        extra.update(split=args.split, router=args.router or "similarity")
+    if args.method == "finegrained":
+        extra.update(stat=args.stat, router=args.router or "mlp")
+        if args.router_hidden is not None:
+            extra["router_hidden"] = args.router_hidden
+    if args.layer_budget != "uniform" and args.method == "mlpmoe":
+        raise UserError("--layer-budget sensitivity needs a data-driven method (cmoe, moefication, finegrained)")
     if args.method == "mlpmoe" and args.calib is not None:
-        raise UserError("--calib is for the data-driven methods (cmoe, moefication); mlpmoe uses no data")
+        raise UserError("--calib is for the data-driven methods (cmoe, moefication, finegrained); mlpmoe uses no "
+                        "data")
     return MethodOptions(experts=experts, shared=shared, top_k=top_k, variant=args.variant, keep=args.keep,
                          calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
-                         seed=args.seed, extra=extra)
+                         seed=args.seed, layer_budget=args.layer_budget, extra=extra)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -218,7 +218,11 @@ def write_gguf(out_tmp: Path, ckpt: Checkpoint, adapter: Adapter, plans: list[Mo
         _copy_key(writer, key, value, types)
     p0 = plans[0]
     writer.add_expert_count(p0.n_experts)
-    writer.add_expert_used_count(p0.top_k)
+    used = [p.top_k for p in plans]
+    if len(set(used)) == 1:
+        writer.add_expert_used_count(p0.top_k)
+    else:  # per-layer budgets: llama.cpp reads the key as a scalar or an array (graph use: patch 0005)
+        writer.add_array(f"{arch}.expert_used_count", used)
     writer.add_expert_feed_forward_length(p0.expert_width)
     writer.add_expert_shared_feed_forward_length(p0.shared_width)
     writer.add_uint32(f"{arch}.expert_shared_count", 1 if p0.shared_width else 0)

@@ -18,6 +18,7 @@ class MethodOptions:
     calib_samples: int = 8      # calibration windows
     calib_seqlen: int = 2048    # tokens per window (capped at the model's context)
     seed: int = 0               # calibration windows, k-means initialisation, router training
+    layer_budget: str = "uniform"   # "sensitivity": per-layer top-k from measured error curves (same average)
     extra: dict = field(default_factory=dict)   # method-specific: cmoe "ka"; moefication "split", "router"
 
     @property
@@ -26,11 +27,11 @@ class MethodOptions:
 
 
 def _registry():
-    from . import cmoe, mlpmoe, moefication
-    return {"mlpmoe": mlpmoe, "cmoe": cmoe, "moefication": moefication}
+    from . import cmoe, finegrained, mlpmoe, moefication
+    return {"mlpmoe": mlpmoe, "cmoe": cmoe, "moefication": moefication, "finegrained": finegrained}
 
 
-METHOD_NAMES = ("mlpmoe", "cmoe", "moefication")
+METHOD_NAMES = ("mlpmoe", "cmoe", "moefication", "finegrained")
 
 
 def get_method(name: str):

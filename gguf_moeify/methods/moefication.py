@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..plan import MoEPlan, Router
 from . import MethodOptions, check_common
-from ._balanced import balanced_kmeans, groups
+from ._balanced import balanced_kmeans, groups, spectral_embedding
 
 NAME = "moefication"
 needs_calibration = True
@@ -89,30 +89,24 @@ def _coact_embedding(x, gate, up, idx: np.ndarray, k: int) -> np.ndarray:
         act.scatter_(1, torch.topk(h, top, dim=1).indices, 1.0)
         A += (act.t() @ act).double()
     A.fill_diagonal_(0)
-    deg = A.sum(1)
-    inv = torch.where(deg > 0, deg.rsqrt(), torch.zeros_like(deg))
-    L = inv[:, None] * A * inv[None, :]
-    _, vecs = torch.linalg.eigh(L)                      # ascending eigenvalues
-    emb = vecs[:, -k:].numpy()
-    emb = emb * np.sign(emb[np.abs(emb).argmax(0), np.arange(k)])   # deterministic eigenvector signs
-    norms = np.linalg.norm(emb, axis=1, keepdims=True)
-    return emb / np.where(norms > 0, norms, 1)
+    return spectral_embedding(A, k)
 
 
 def train_mlp_router(x: torch.Tensor, target: torch.Tensor, seed: int = 0, epochs: int = MLP_EPOCHS,
-                     return_history: bool = False):
+                     return_history: bool = False, hidden: int | None = None):
     """x (T, d), target (T, E) in [0, 1] -> dict of router tensors (w1, b1, w2, b2) taking raw x, and optionally
-    the held-out loss per epoch (index 0: before training). Runs on one thread: the steps are tiny, and torch's
+    the held-out loss per epoch (index 0: before training). ``hidden``: width of the tanh layer (default E, the
+    paper's). Runs on one thread: the steps are tiny, and torch's
     thread pool on a busy machine made them 50-100x slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train_mlp_router(x, target, seed, epochs, return_history)
+        return _train_mlp_router(x, target, seed, epochs, return_history, hidden)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_mlp_router(x, target, seed, epochs, return_history):
+def _train_mlp_router(x, target, seed, epochs, return_history, hidden):
     gen = torch.Generator().manual_seed(seed)
     T, d = x.shape
     E = target.shape[1]
@@ -122,7 +116,8 @@ def _train_mlp_router(x, target, seed, epochs, return_history):
     x = x.float()
     mu, sd = x[train].mean(0), x[train].std(0).clamp_min(1e-6)
     xs = (x - mu) / sd
-    l1, l2 = torch.nn.Linear(d, E), torch.nn.Linear(E, E)
+    H = hidden or E
+    l1, l2 = torch.nn.Linear(d, H), torch.nn.Linear(H, E)
     with torch.no_grad():
         for lin in (l1, l2):
             bound = 1 / lin.in_features ** 0.5

@@ -1,0 +1,178 @@
+"""gguf_moeify's own recipe (``--method finegrained``): many small experts carved by importance-weighted
+co-activation, a shared expert of the most important neurons, and a router fitted to the oracle's choices.
+
+Why (METHODS.md, "What limits quality"): the information for sparsity is in the dense model (a per-token oracle
+over single neurons loses ~3% at 50% active) but coarse experts throw it away. So, per layer, on the calibration
+MLP inputs x (layer-sequential, like CMoE/MoEfication):
+
+1. Importance of neuron i on token t: a_ti = |h_ti| * ||W_down[:, i]||, h = silu(W_gate x) ⊙ (W_up x) — the size of
+   the neuron's contribution to the layer output (``--stat weighted``, default); ``--stat activation`` uses |h_ti|
+   alone, the papers' statistic, for comparison.
+2. Shared expert: the S * m neurons with the largest mean importance (m = d_ff / E).
+3. Routed experts: each token marks its top-q remaining neurons by importance, q = the routed share of the active
+   budget (at least 5%); co-activation graph A_ij = Σ_t mark_ti mark_tj (float64), spectral embedding (top E - S
+   eigenvectors of D^-1/2 A D^-1/2, rows normalised) and exact balanced k-means into E - S experts of m neurons
+   (MoEfication's co-activation split, with importance marks instead of activation marks).
+4. Router (``--router``): the targets are the per-token oracle choices — the top-k routed experts by the norm of
+   their output ||W_down_e h_e|| on the calibration tokens.
+   * ``mlp`` (default): Linear(d -> H) -> tanh -> Linear(H -> E - S) trained with BCE-with-logits on those 0/1
+     labels (MoEfication's trainer: Adam, held-out split, early stopping); H = ``--router-hidden``.
+   * ``linear``: ridge least squares from raw x to the per-token standardised log output norms (the runtime's
+     linear router has no bias); cheaper, weaker.
+   Router recall@k against the oracle on the held-out 10% of calibration tokens is recorded in the plan's info.
+5. Gates exactly 1, as every seed method.
+
+Default top-k: as CMoE, the number of routed experts bringing (S + k) / E nearest 50%.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from ..plan import MoEPlan, Router
+from . import MethodOptions, check_common
+from ._balanced import balanced_kmeans, groups, spectral_embedding
+
+NAME = "finegrained"
+needs_calibration = True
+STATS = ("weighted", "activation")
+ROUTERS = ("mlp", "linear")
+DEFAULT_HIDDEN = 128
+CHUNK = 4096
+MIN_MARK_FRACTION = 0.05
+HELDOUT = 0.1
+
+
+def validate(opts: MethodOptions, d_ff: int) -> None:
+    from ..calibration import check_calib_options
+    check_common(opts, d_ff)
+    check_calib_options(opts, NAME)
+    if opts.extra.get("stat", "weighted") not in STATS:
+        raise UserError(f"unknown --stat {opts.extra['stat']!r}; choose one of {', '.join(STATS)}")
+    if opts.extra.get("router", "mlp") not in ROUTERS:
+        raise UserError(f"--router {opts.extra['router']!r} is not available for {NAME}; choose one of "
+                        f"{', '.join(ROUTERS)}")
+    hidden = opts.extra.get("router_hidden", DEFAULT_HIDDEN)
+    if not 1 <= hidden <= 65536:
+        raise UserError(f"--router-hidden must be between 1 and 65536, got {hidden}")
+    if opts.keep is not None or opts.variant != "slice":
+        raise UserError("--variant/--keep apply to mlpmoe only")
+
+
+def default_top_k(opts: MethodOptions) -> int:
+    from ..calibration import active_fraction_default
+    return active_fraction_default(opts.experts, opts.shared)
+
+
+def _h_chunks(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
+    g, u = gate.float(), up.float()
+    for s in range(0, x.shape[0], CHUNK):
+        xc = x[s:s + CHUNK].float()
+        yield s, F.silu(xc @ g.t()) * (xc @ u.t())
+
+
+@torch.no_grad()
+def importance(x, gate, up, down, stat: str) -> torch.Tensor:
+    """(T, d_ff) float32 per-token neuron importance."""
+    w = down.float().norm(dim=0) if stat == "weighted" else torch.ones(gate.shape[0])
+    out = torch.empty(x.shape[0], gate.shape[0])
+    for s, h in _h_chunks(x, gate, up):
+        out[s:s + h.shape[0]] = h.abs() * w
+    return out
+
+
+@torch.no_grad()
+def coactivation_embedding(imp: torch.Tensor, q: float, k: int) -> np.ndarray:
+    """Spectral embedding (n, k) of the co-activation graph of the top-q neurons per token."""
+    n = imp.shape[1]
+    top = max(1, int(round(q * n)))
+    A = torch.zeros(n, n, dtype=torch.float64)
+    for s in range(0, imp.shape[0], CHUNK):
+        chunk = imp[s:s + CHUNK]
+        mark = torch.zeros_like(chunk)
+        mark.scatter_(1, torch.topk(chunk, top, dim=1).indices, 1.0)
+        A += (mark.t() @ mark).double()
+    A.fill_diagonal_(0)
+    return spectral_embedding(A, k)
+
+
+@torch.no_grad()
+def expert_output_norms(x, gate, up, down, experts: np.ndarray) -> torch.Tensor:
+    """(T, E) ||W_down_e h_e|| per token and expert: what the oracle ranks by."""
+    E, m = experts.shape
+    ex = torch.as_tensor(experts.reshape(-1))
+    g, u = gate[ex].float(), up[ex].float()
+    dn = down.float()[:, ex].t().reshape(E, m, -1)                    # (E, m, d)
+    out = torch.empty(x.shape[0], E)
+    for s, h in _h_chunks(x, g, u):
+        y = torch.bmm(h.reshape(h.shape[0], E, m).transpose(0, 1), dn)  # (E, T, d)
+        out[s:s + h.shape[0]] = y.norm(dim=-1).t()
+    return out
+
+
+def _topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    mask = torch.zeros_like(scores)
+    mask.scatter_(1, torch.topk(scores, k, dim=1).indices, 1.0)
+    return mask
+
+
+def recall_at_k(pred: torch.Tensor, truth: torch.Tensor, k: int) -> float:
+    """Mean fraction of the oracle's top-k found in the router's top-k."""
+    return float((_topk_mask(pred, k) * _topk_mask(truth, k)).sum(1).mean() / k)
+
+
+def fit_linear_router(x: torch.Tensor, norms: torch.Tensor) -> np.ndarray:
+    """Least squares x W ≈ per-token standardised log output norms (no bias: the runtime's router has none,
+    and a per-expert constant only matters through the standardisation, which removes it per token)."""
+    y = torch.log(norms.double().clamp_min(1e-12))
+    y = (y - y.mean(1, keepdim=True)) / y.std(1, keepdim=True).clamp_min(1e-12)
+    xd = x.double()
+    gram = xd.t() @ xd
+    ridge = 1e-3 * gram.diagonal().mean()
+    w = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], dtype=torch.float64), xd.t() @ y)
+    return w.t().float().numpy()
+
+
+def plan_layer(layer: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+               opts: MethodOptions, stats=None) -> MoEPlan:
+    if stats is None:
+        raise UserError(f"{NAME} needs calibration data (--calib)")
+    from .moefication import train_mlp_router
+    stat = opts.extra.get("stat", "weighted")
+    router_kind = opts.extra.get("router", "mlp")
+    hidden = int(opts.extra.get("router_hidden", DEFAULT_HIDDEN))
+    d_ff = gate.shape[0]
+    m = d_ff // opts.experts
+    k = opts.routed
+    top_k = opts.top_k if opts.top_k is not None else default_top_k(opts)
+    x = stats.x.float()
+
+    imp = importance(x, gate, up, down, stat)
+    mean_imp = imp.double().mean(0).numpy()
+    order = np.lexsort((np.arange(d_ff), -mean_imp))
+    shared = np.sort(order[:opts.shared * m])
+    rest = np.sort(order[opts.shared * m:])
+    q = max(MIN_MARK_FRACTION, top_k / k)
+    emb = coactivation_embedding(imp[:, torch.as_tensor(rest)], q, k)
+    del imp
+    experts = groups(balanced_kmeans(emb, k, seed=stats.seed), rest, k)
+
+    norms = expert_output_norms(x, gate, up, down, experts)
+    gen = torch.Generator().manual_seed(stats.seed)
+    perm = torch.randperm(x.shape[0], generator=gen)
+    hold = perm[:max(1, int(round(HELDOUT * x.shape[0])))]
+    info: dict = {"stat": stat, "router": router_kind, "calib_tokens": int(x.shape[0]), "mark_fraction": round(q, 4)}
+    if router_kind == "mlp":
+        labels = _topk_mask(norms, top_k)
+        tensors = train_mlp_router(x, labels, seed=stats.seed, hidden=hidden)
+        router = Router("mlp", tensors)
+        info["router_hidden"] = hidden
+    else:
+        train = perm[len(hold):]
+        router = Router("linear", {"weight": fit_linear_router(x[train], norms[train])})
+    from ..moe_torch import router_scores
+    pred = router_scores(router.kind, {n: torch.as_tensor(t) for n, t in router.tensors.items()}, x[hold])
+    info["router_recall_at_k_heldout"] = round(recall_at_k(pred, norms[hold], top_k), 4)
+    return MoEPlan(layer=layer, d_ff=d_ff, experts=experts, top_k=top_k, router=router, shared=shared, info=info)

@@ -1,0 +1,59 @@
+"""finegrained: equal-size experts from importance co-activation, the shared expert holds the most important
+neurons, exactness with every expert active, and a trained router that finds the oracle's experts."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gguf_moeify.calibration import LayerCalib
+from gguf_moeify.methods import MethodOptions
+from gguf_moeify.methods.finegrained import expert_output_norms, importance, plan_layer, recall_at_k
+from gguf_moeify.moe_torch import MoEMLP
+
+
+def _layer(seed=0, d=16, d_ff=64, T=2000):
+    g = torch.Generator().manual_seed(seed)
+    gate, up = torch.randn(d_ff, d, generator=g), torch.randn(d_ff, d, generator=g)
+    down = torch.randn(d, d_ff, generator=g) * torch.linspace(0.1, 2, d_ff)   # columns of different weight
+    return gate, up, down, torch.randn(T, d, generator=g)
+
+
+@pytest.mark.parametrize("router", ["mlp", "linear"])
+def test_partition_shared_and_exactness(router):
+    gate, up, down, x = _layer()
+    opts = MethodOptions(experts=8, shared=2, top_k=2, extra={"router": router, "router_hidden": 32})
+    plan = plan_layer(0, gate, up, down, opts, LayerCalib(x=x))
+    assert plan.experts.shape == (6, 8) and plan.shared_width == 16
+    assert sorted(np.concatenate([plan.shared, plan.experts.reshape(-1)]).tolist()) == list(range(64))
+    mean_imp = importance(x, gate, up, down, "weighted").mean(0).numpy()
+    assert mean_imp[plan.shared].min() >= mean_imp[plan.experts.reshape(-1)].max()
+    assert plan.router.kind == router
+    again = plan_layer(0, gate, up, down, opts, LayerCalib(x=x))
+    assert np.array_equal(plan.experts, again.experts)
+    assert all(np.array_equal(plan.router.tensors[k], again.router.tensors[k]) for k in plan.router.tensors)
+    plan.top_k = plan.n_experts
+    dense = (torch.nn.functional.silu(x @ gate.t()) * (x @ up.t())) @ down.t()
+    assert torch.allclose(MoEMLP(plan, gate, up, down)(x), dense, rtol=1e-4, atol=1e-4)
+
+
+def test_weighted_statistic_differs_from_activation():
+    gate, up, down, x = _layer()
+    w = importance(x, gate, up, down, "weighted")
+    a = importance(x, gate, up, down, "activation")
+    assert torch.allclose(w, a * down.norm(dim=0))
+
+
+def test_trained_router_finds_the_oracle_experts():
+    gate, up, down, x = _layer(seed=1, T=4000)
+    opts = MethodOptions(experts=8, shared=0, top_k=2, extra={"router_hidden": 64})
+    plan = plan_layer(0, gate, up, down, opts, LayerCalib(x=x))
+    recall = plan.info["router_recall_at_k_heldout"]
+    chance = 2 / 8
+    assert recall > 2 * chance, recall
+    # recall@k is measured against the oracle's output norms, which MoEMLP's oracle ranks by
+    norms = expert_output_norms(x[:50], gate, up, down, plan.experts)
+    moe = MoEMLP(plan, gate, up, down, oracle=True)
+    picked = moe.select(x[:50])
+    assert recall_at_k(norms, norms, 2) == 1.0
+    assert torch.equal(picked.sort(1).values, torch.topk(norms, 2, dim=1).indices.sort(1).values)
