@@ -23,11 +23,13 @@ For one source model and a list of configurations ``METHOD:ACTIVE:OUTTYPE`` (com
 configurations are then ``moe:ACTIVE:OUTTYPE``.
 
 ACTIVE: a fraction (``0.25``), a percentage (``25%``), or an explicit ``SxAyEz`` (x shared, y routed used, z experts).
-A fraction f maps to E experts (``--experts``; default 16 for cmoe/moefication/moe, 8 for mlpmoe) and n = round(f·E)
-experts' worth of neurons per token:
-- ``mlpmoe``: all experts active (f must be 1): S0, K=E (exact slicing of the dense MLP);
+A fraction f maps to E experts (``--experts``; default 48 for finegrained, 16 for cmoe/moefication/moe, 8 for
+mlpmoe at f = 1) and n = round(f·E) experts' worth of neurons per token:
+- ``mlpmoe`` at f = 1: all experts active: S0, K=E (exact slicing of the dense MLP); at f < 1 the naive routed
+  baseline (slices + data-free similarity router) with CMoE's S and K, so it uses the same top-k as cmoe;
 - ``cmoe``: S = max(1, n // 2) shared, K = n - S routed (CMoE's SxAxE pattern: 25% -> S2A2E16, 50% -> S4A4E16,
   75% -> S6A6E16);
+- ``finegrained``: S = n // 3 shared, K = n - S (50% -> S8A16E48);
 - ``moefication``, ``moe`` (synthetic): no shared expert, K = n (25% -> S0A4E16).
 """
 from __future__ import annotations
@@ -46,7 +48,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-REAL_METHODS = ("mlpmoe", "cmoe", "moefication")
+REAL_METHODS = ("mlpmoe", "cmoe", "moefication", "finegrained")
 BENCH_OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
 SYN_OUTTYPES = ("f16", "q8_0", "q4_0")
 
@@ -93,16 +95,17 @@ def _fraction(text: str) -> float:
 
 def map_fraction(method: str, f: float, experts: int | None) -> tuple[int, int, int]:
     """(E, S, K) for ``method`` at active fraction ``f`` (see the module docstring)."""
-    if method == "mlpmoe":
+    if method == "mlpmoe" and abs(f - 1) < 1e-9:
         e = experts or 8
-        if abs(f - 1) > 1e-9:
-            raise UserError(f"mlpmoe keeps every expert active (exact slicing): use mlpmoe:1:OUTTYPE, not {f:g}")
         return e, 0, e
-    e = experts or 16
+    e = experts or (48 if method == "finegrained" else 16)
     n = round(f * e)
     if n < 1:
         raise UserError(f"{method}: active fraction {f:g} of {e} experts is less than one expert")
-    if method == "cmoe":
+    if method == "finegrained":
+        s = max(1, n // 3) if n >= 3 else 0
+        return e, s, n - s
+    if method in ("cmoe", "mlpmoe"):
         s = max(1, n // 2) if n >= 2 else 0
         if s >= e:
             s = e - 1
@@ -129,8 +132,6 @@ def parse_configs(text: str, synthetic: bool, experts: int | None = None) -> lis
             s, k, e = (int(g) for g in m.groups())
             if not (0 <= s < e and 1 <= k <= e - s):
                 raise UserError(f"configuration {spec!r}: {active} needs 0 <= S < E and 1 <= A <= E - S")
-            if method == "mlpmoe" and k != e - s:
-                raise UserError(f"configuration {spec!r}: mlpmoe uses all routed experts (A = E - S)")
         else:
             e, s, k = map_fraction(method, _fraction(active), experts)
         c = Config(method, e, s, k, outtype, spec)
@@ -259,11 +260,14 @@ def _opts_for(c: Config, args):
     from .methods import MethodOptions
     extra = {}
     if c.method == "moefication":
-        extra = {"split": args.split, "router": args.router}
+        extra = {"split": args.split, "router": args.router or "similarity"}
+    if c.method == "finegrained":
+        extra = {"stat": "weighted", "router": args.router or "mlp"}
     calib = None if c.method == "mlpmoe" else args.calib
+    budget = "uniform" if c.method == "mlpmoe" else args.layer_budget
     return MethodOptions(experts=c.experts, shared=c.shared, top_k=c.top_k, calib=calib,
                          calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
-                         extra=extra)
+                         layer_budget=budget, extra=extra)
 
 
 def _file_provenance(path: Path) -> dict | None:
@@ -362,7 +366,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 _COLORS = {"dense": "black", "mlpmoe": "tab:blue", "cmoe": "tab:orange", "moefication": "tab:green",
-           "moe": "tab:red"}
+           "moe": "tab:red", "finegrained": "tab:purple"}
 _MARKERS = {"f32": "D", "f16": "P", "bf16": "p", "q8_0": "o", "q4_0": "s", "q4_k_m": "^", "q5_k_m": "v",
             "q6_k": "h"}
 
@@ -441,15 +445,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", "-r", type=int, default=3, help="llama-bench repetitions, >= 3 (default: %(default)s)")
     p.add_argument("--n-prompt", "-p", type=int, default=128, help="llama-bench prompt tokens (default: %(default)s)")
     p.add_argument("--n-gen", "-n", type=int, default=32, help="llama-bench generated tokens (default: %(default)s)")
-    p.add_argument("--calib", default=None, help="calibration text for cmoe/moefication (FILE|DIR|wikitext2)")
+    p.add_argument("--calib", default=None, help="calibration text for cmoe/moefication/finegrained "
+                                                 "(FILE|DIR|wikitext2)")
     p.add_argument("--calib-samples", type=int, default=4, help="calibration windows (default: %(default)s)")
     p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window "
                                                                  "(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="conversion / synthetic weights seed (default: %(default)s)")
     p.add_argument("--split", default="param", choices=("param", "coact"), help="moefication split "
                                                                                  "(default: %(default)s)")
-    p.add_argument("--router", default="similarity", choices=("similarity", "mlp"),
-                   help="moefication router (default: %(default)s)")
+    p.add_argument("--router", default=None, choices=("similarity", "mlp", "linear"),
+                   help="moefication router (default: similarity); finegrained router (default: mlp)")
+    p.add_argument("--layer-budget", default="uniform", choices=("uniform", "sensitivity"),
+                   help="data-driven methods: per-layer top-k (see convert --help) (default: %(default)s)")
     p.add_argument("--work-dir", default=None, help="where model files are written and reused "
                                                     "(default: OUT_DIR/models)")
     p.add_argument("--out-dir", "-o", default="out/bench", help="results folder (default: %(default)s)")

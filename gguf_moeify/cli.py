@@ -38,8 +38,9 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shared", "-S", type=int, default=0,
                    help="experts merged into one always-on shared expert (default: %(default)s)")
     g.add_argument("--top-k", "-K", type=int, default=None,
-                   help="routed experts used per token (default: the method's; mlpmoe: all routed experts; "
-                        "cmoe/moefication: the k that makes (shared + k) / experts nearest 50%%)")
+                   help="routed experts used per token (default: the method's; mlpmoe: all routed experts, fewer "
+                        "only with --variant slice, the naive routed baseline; cmoe/moefication/finegrained: the k "
+                        "that makes (shared + k) / experts nearest 50%%)")
     g.add_argument("--config", default=None, metavar="SxAyEz",
                    help="CMoE naming, e.g. S1A7E16: x shared, y routed active, z experts in all; sets --shared, "
                         "--top-k and --experts (default: not used)")

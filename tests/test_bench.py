@@ -77,9 +77,11 @@ def test_config_syntax_and_fraction_mapping():
     assert [c.active_fraction for c in cs] == [1.0, 0.25, 0.5, 0.75, 0.25]
     assert map_fraction("cmoe", 0.75, None) == (16, 6, 6)
     assert map_fraction("moefication", 0.25, 8) == (8, 0, 2)
+    assert map_fraction("mlpmoe", 0.5, None) == map_fraction("cmoe", 0.5, None)   # the baseline, same top-k
+    assert map_fraction("finegrained", 0.5, None) == (48, 8, 16)
     assert [(c.top_k, c.experts) for c in parse_configs("moe:0.25:q4_0,moe:0.5:q4_0", synthetic=True)] == \
         [(4, 16), (8, 16)]
-    for bad in ("cmoe:0.25", "foo:0.5:q8_0", "cmoe:0.5:q9_9", "cmoe:1.5:q8_0", "mlpmoe:0.5:q8_0",
+    for bad in ("cmoe:0.25", "foo:0.5:q8_0", "cmoe:0.5:q9_9", "cmoe:1.5:q8_0", "mlpmoe:0.5:f64",
                 "cmoe:S16A1E16:q8_0", "cmoe:0.01:q8_0", "cmoe:0.5:q8_0,cmoe:50%:q8_0", "cmoe:x:q8_0"):
         with pytest.raises(UserError):
             parse_configs(bad, synthetic=False)

@@ -6,6 +6,7 @@
 - parity: with top-k < E, for each router kind (linear, CMoE analytic, MoEfication MLP), llama.cpp's perplexity
   equals the torch reference's on the very tokens llama.cpp scored (read back from its --kl-divergence-base file),
   with llama-perplexity's windows, to 1e-3 relative;
+- per-layer budgets: expert_used_count as an array (different k per layer) matches the torch reference;
 - the real SmolLM2 file (MLPMoE slicing, E=8, f32) in llama.cpp: the dense perplexity, and readable greedy text.
 Skipped with the build command when build/llama-cpp/bin is missing (scripts/test.sh builds it first).
 """
@@ -147,3 +148,34 @@ def test_real_model_in_llama_cpp(tools, smollm2_dir, smollm2_moe_f32, tmp_path):
     assert relative_difference(dense.ppl, cpp.final_ppl) < 1e-3
     answer = tools.completion(smollm2_moe_f32, "The capital of France is", n_predict=8, seed=0, temp=0.0)
     assert "Paris" in answer
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_per_layer_budget_parity_with_torch_reference(tools, tiny_models, text_file, tmp_path, arch):
+    """A file whose layers use different numbers of experts (expert_used_count as a per-layer array, patch 0005)
+    loads in llama.cpp and matches the torch reference, which honours each plan's own top_k."""
+    ks = [2, 6]
+    uniform = _routed_plans("mlp", top_k=2)
+
+    def make(ckpt, adapter):
+        plans = uniform(ckpt, adapter)
+        for p, k in zip(plans, ks):
+            p.top_k = k
+        return plans
+
+    out = tmp_path / "moe.gguf"
+    ckpt, adapter, plans = _write(tiny_models[arch], make, out)
+    field = gguf.GGUFReader(out).fields[f"{adapter.gguf_arch}.expert_used_count"]
+    assert field.contents() == ks
+    saved = tmp_path / "logits.bin"
+    cpp = tools.perplexity(out, text_file, ctx=CTX, chunks=CHUNKS, threads=2, save_logits=saved, extra=F32_KV)
+    _, tokens = read_saved_tokens(saved)
+    model, _ = load_dense(ckpt, tokenizer=False)
+    moeify_(model, adapter, plans)
+    ref = perplexity(logits_fn(model), tokens, CTX, CHUNKS, _bos_for(out))
+    assert relative_difference(ref.ppl, cpp.final_ppl) < 1e-3, (ref.ppl, cpp.final_ppl)
+    # layer 0's count everywhere (what an unpatched graph would compute) is a different function
+    out0 = tmp_path / "moe-uniform.gguf"
+    _write(tiny_models[arch], uniform, out0)
+    first = tools.perplexity(out0, text_file, ctx=CTX, chunks=CHUNKS, threads=2, extra=F32_KV)
+    assert abs(ref.ppl - cpp.final_ppl) < 0.1 * abs(first.final_ppl - cpp.final_ppl)

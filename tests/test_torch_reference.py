@@ -69,3 +69,20 @@ def test_mlpmoe_variants_are_deterministic_and_reduce(tiny_models, variant):
         assert pa.expert_width == 32
     if variant == "compensated-pruning":
         assert all(p.neuron_scale is not None and p.info["compensation"] > 1.0 for p in a)
+
+
+def test_slice_routed_baseline_router_and_variant_check():
+    """mlpmoe slice with top-k < E: contiguous slices scored by their mean normalised gate row (data-free);
+    the parameter-reducing variants keep every expert active and refuse a smaller top-k."""
+    from gguf_moeify.errors import UserError
+    from gguf_moeify.methods.mlpmoe import plan_layer, validate
+    g = torch.Generator().manual_seed(0)
+    gate, up, down = torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g), torch.randn(16, 64, generator=g)
+    plan = plan_layer(0, gate, up, down, MethodOptions(experts=8, shared=2, top_k=3))
+    assert plan.top_k == 3 and plan.n_experts == 6 and plan.info["router"] == "slice-similarity"
+    gn = torch.nn.functional.normalize(gate, dim=1)
+    want = torch.stack([gn[torch.as_tensor(e)].mean(0) for e in plan.experts])
+    assert np.allclose(plan.router.tensors["weight"], want.numpy(), atol=1e-6)
+    assert all(np.array_equal(e, np.arange(e[0], e[0] + 8)) for e in plan.experts)   # contiguous slices
+    with pytest.raises(UserError, match="keeps every expert active"):
+        validate(MethodOptions(experts=8, top_k=3, variant="fractal-fade"), 64)

@@ -2,7 +2,9 @@
 
 ``slice`` cuts d_ff into E contiguous blocks (the tensor-parallel split); every token uses every block and the
 outputs are summed, so the function is the dense one up to float rounding. With ``--shared S`` the S most
-important blocks form the shared expert (still exact).
+important blocks form the shared expert (still exact). With ``--top-k K`` below the routed count, slicing becomes
+the naive routed baseline the data-driven methods are compared with: a data-free linear router scores each slice
+by its mean L2-normalised gate row (MoEfication's similarity router, on contiguous slices).
 
 The paper gives two parameter-reducing variants by definition only; our designs (deterministic, data-free):
 
@@ -99,9 +101,9 @@ def validate(opts: MethodOptions, d_ff: int) -> None:
     check_common(opts, d_ff)
     if opts.variant not in VARIANTS:
         raise UserError(f"unknown --variant {opts.variant!r} for mlpmoe; choose one of {', '.join(VARIANTS)}")
-    if opts.top_k is not None and opts.top_k != opts.routed:
-        raise UserError(f"mlpmoe is a static MoE: every expert is active, so --top-k must be {opts.routed} "
-                        f"(or omitted); use a routed method (cmoe, moefication) for sparse activation")
+    if opts.top_k is not None and opts.top_k != opts.routed and opts.variant != "slice":
+        raise UserError(f"mlpmoe {opts.variant} keeps every expert active, so --top-k must be {opts.routed} "
+                        f"(or omitted); routed top-k works with --variant slice (the naive baseline)")
     if opts.variant == "slice" and opts.keep not in (None, 1.0):
         raise UserError("--keep applies to the mlpmoe variants fractal-fade and compensated-pruning, not to slice")
     if opts.keep is not None and not 0.0 < opts.keep <= 1.0:
@@ -143,6 +145,12 @@ def plan_layer(layer: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Ten
         experts = _repack(kept, E, width)
         info["kept_fraction"] = round(len(kept) / d_ff, 6)
     routed = experts.shape[0]
-    router = Router("linear", {"weight": np.zeros((routed, d), dtype=np.float32)})  # all experts always chosen
-    return MoEPlan(layer=layer, d_ff=d_ff, experts=experts, top_k=routed, router=router, shared=shared,
+    top_k = routed if opts.top_k is None else opts.top_k
+    if top_k == routed:
+        router = Router("linear", {"weight": np.zeros((routed, d), dtype=np.float32)})  # every expert chosen
+    else:  # the naive routed baseline: slices scored by their mean normalised gate row (data-free)
+        g_norm = torch.nn.functional.normalize(gate.double(), dim=1).numpy()
+        router = Router("linear", {"weight": np.stack([g_norm[e].mean(0) for e in experts])})
+        info["router"] = "slice-similarity"
+    return MoEPlan(layer=layer, d_ff=d_ff, experts=experts, top_k=top_k, router=router, shared=shared,
                    neuron_scale=scale, info=info)
