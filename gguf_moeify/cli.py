@@ -136,8 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--chunks", type=int, default=None, help="at most this many windows (default: all)")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     e.add_argument("--oracle", action="store_true",
-                   help="also score the same experts chosen by a ground-truth oracle (per token, the top-k experts "
-                        "by output norm): an upper bound for any router, torch reference only (default: off)")
+                   help="also score two ceilings, torch reference only: the same experts chosen per token by a "
+                        "ground-truth oracle (top-k by output norm: the bound for any router), and the same number "
+                        "of neurons chosen one by one by |h|*||W_down column|| (the bound for any expert grouping) "
+                        "(default: off)")
     _method_args(e)
 
     d = sub.add_parser("demo-model", help="write the embedded SmolLM2-135M-Instruct as an HF folder")
@@ -165,7 +167,10 @@ def _run(args) -> int:
                   f"ratio {res['ratio']:.5f}   active fraction {res['active_fraction']:.3f}   "
                   f"({res['moe']['n_chunks']} windows of {args.ctx}, {res['moe']['n_scored']} tokens scored)")
             if "oracle" in res:
-                print(f"oracle router ppl {res['oracle']['ppl']:.4f}   ratio {res['oracle_ratio']:.5f}")
+                print(f"oracle router ppl {res['oracle']['ppl']:.4f}   ratio {res['oracle_ratio']:.5f}   "
+                      f"(same experts, chosen per token by true output norm)")
+                print(f"neuron oracle ppl {res['neuron_oracle']['ppl']:.4f}   ratio "
+                      f"{res['neuron_oracle_ratio']:.5f}   (same number of neurons, chosen one by one)")
     elif args.command == "demo-model":
         from .demo_model import build_smollm2_folder
         print(f"wrote {build_smollm2_folder(args.dir)}")

@@ -30,9 +30,10 @@ def evaluate_model(model: str, text_file: str, method: str, opts: MethodOptions,
            "active_fraction": active, "method": method, "plan": plans[0].summary()}
     if oracle:
         from .moe_torch import MoEMLP
-        for mod in hf.modules():
-            if isinstance(mod, MoEMLP):
-                mod.oracle = True
-        orc = perplexity(logits_fn(hf), tokens, ctx, chunks, bos, desc="oracle")
-        res.update(oracle=orc.as_dict(), oracle_ratio=orc.ppl / dense.ppl)
+        for mode, key in (("expert", "oracle"), ("neuron", "neuron_oracle")):
+            for mod in hf.modules():
+                if isinstance(mod, MoEMLP):
+                    mod.oracle = mode
+            orc = perplexity(logits_fn(hf), tokens, ctx, chunks, bos, desc=f"{mode} oracle")
+            res.update({key: orc.as_dict(), f"{key}_ratio": orc.ppl / dense.ppl})
     return res

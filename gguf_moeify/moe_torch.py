@@ -29,8 +29,10 @@ class MoEMLP(nn.Module):
                  oracle: bool = False):
         super().__init__()
         self.plan = plan
-        # oracle (torch reference only, an upper bound; not expressible in a GGUF): ignore the router and choose,
-        # per token, the top_k experts whose outputs have the largest L2 norm
+        # oracle (torch reference only, an upper bound; not expressible in a GGUF), ignoring the router:
+        # True / "expert": per token, the top_k experts whose outputs have the largest L2 norm;
+        # "neuron": per token, the same number of neurons (shared + top_k * width) with the largest
+        # |h_i| * ||W_down[:, i]||, over all of the plan's neurons: the ceiling of any expert grouping
         self.oracle = oracle
         self.act = ACTIVATIONS[act]
         self.top_k = plan.top_k
@@ -52,9 +54,24 @@ class MoEMLP(nn.Module):
         scores = router_scores(self.router_kind, self.router, x, self.act)
         return torch.topk(scores, self.top_k, dim=-1).indices
 
+    def _neuron_oracle(self, x: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1]
+        gate, up = self.gate_exps.reshape(-1, d), self.up_exps.reshape(-1, d)
+        down = self.down_exps.transpose(1, 2).reshape(-1, d)            # one row per neuron
+        if self.has_shared:
+            gate, up = torch.cat([self.gate_shexp, gate]), torch.cat([self.up_shexp, up])
+            down = torch.cat([self.down_shexp.t(), down])
+        n_active = self.plan.shared_width + self.top_k * self.plan.expert_width
+        h = self.act(x @ gate.t()) * (x @ up.t())
+        keep = torch.topk(h.abs() * down.norm(dim=1), n_active, dim=-1).indices
+        mask = torch.zeros_like(h).scatter_(1, keep, 1.0)
+        return (h * mask) @ down
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        if self.oracle == "neuron":
+            return self._neuron_oracle(x).reshape(shape)
         out = torch.zeros_like(x)
         n_exp = self.gate_exps.shape[0]
         if self.top_k == n_exp:

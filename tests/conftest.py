@@ -23,6 +23,12 @@ def eval_text_path() -> Path:
     return p if p.is_file() else ROOT / "tests" / "data" / "austen_prideprejudice_excerpt.txt"
 
 
+def calib_text_path() -> Path:
+    """Calibration text: Sense and Sensibility from shared/ (never the evaluation novel), else the shipped excerpt."""
+    p = DATA / "austen_sensesensibility.txt"
+    return p if p.is_file() else ROOT / "tests" / "data" / "austen_prideprejudice_excerpt.txt"
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     return build_smollm2_folder(cache_root() / "models" / "smollm2-135m")

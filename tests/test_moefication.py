@@ -70,6 +70,13 @@ def test_oracle_picks_experts_by_output_norm():
     err_oracle = (moe(xt) - dense).norm()
     moe.oracle = False
     assert err_oracle <= (moe(xt) - dense).norm()
+    # the neuron oracle keeps, per token, the 16 neurons (2 experts x 8) of largest |h_i| * ||W_down[:, i]||
+    moe.oracle = "neuron"
+    h = torch.nn.functional.silu(xt @ gate.t()) * (xt @ up.t())
+    keep = torch.topk(h.abs() * down.norm(dim=0), 16, dim=1).indices
+    want = (h * torch.zeros_like(h).scatter_(1, keep, 1.0)) @ down.t()
+    assert torch.allclose(moe(xt), want, rtol=1e-4, atol=1e-4)
+    assert (moe(xt) - dense).norm() <= err_oracle
 
 
 @pytest.mark.parametrize("split,router", [("param", "similarity"), ("coact", "mlp")])
