@@ -262,7 +262,7 @@ def _opts_for(c: Config, args):
     if c.method == "moefication":
         extra = {"split": args.split, "router": args.router or "similarity"}
     if c.method == "finegrained":
-        extra = {"stat": "weighted", "router": args.router or "mlp"}
+        extra = {"stat": "weighted", "router": args.router or "linear"}
     calib = None if c.method == "mlpmoe" else args.calib
     budget = "uniform" if c.method == "mlpmoe" else args.layer_budget
     return MethodOptions(experts=c.experts, shared=c.shared, top_k=c.top_k, calib=calib,
@@ -454,7 +454,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="param", choices=("param", "coact"), help="moefication split "
                                                                                  "(default: %(default)s)")
     p.add_argument("--router", default=None, choices=("similarity", "mlp", "linear"),
-                   help="moefication router (default: similarity); finegrained router (default: mlp)")
+                   help="moefication router (default: similarity); finegrained router (default: linear)")
     p.add_argument("--layer-budget", default="uniform", choices=("uniform", "sensitivity"),
                    help="data-driven methods: per-layer top-k (see convert --help) (default: %(default)s)")
     p.add_argument("--work-dir", default=None, help="where model files are written and reused "

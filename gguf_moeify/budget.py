@@ -46,10 +46,10 @@ def sample_rows(n: int, seed: int, size: int = SAMPLE_TOKENS) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
 
 
-def allocate(curves: list[np.ndarray], total: int, k_min: int = 1) -> list[int]:
-    """Exact minimum of Σ_i curves[i][k_i - 1] with Σ_i k_i = total and k_min <= k_i <= len(curves[i])."""
+def allocate(curves: list[np.ndarray], total: int, k_min: int = 1, k_max: int | None = None) -> list[int]:
+    """Exact minimum of Σ_i curves[i][k_i - 1] with Σ_i k_i = total and k_min <= k_i <= min(k_max, len(curves[i]))."""
     n = len(curves)
-    sizes = [len(c) for c in curves]
+    sizes = [min(len(c), k_max or len(c)) for c in curves]
     if not n * k_min <= total <= sum(sizes):
         raise ValueError(f"budget {total} outside [{n * k_min}, {sum(sizes)}]")
     inf = float("inf")

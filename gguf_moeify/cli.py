@@ -32,11 +32,12 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("method")
     g.add_argument("--method", default="mlpmoe", choices=METHOD_NAMES,
                    help="conversion method (default: %(default)s)")
-    g.add_argument("--experts", "-E", type=int, default=8,
+    g.add_argument("--experts", "-E", type=int, default=None,
                    help="total experts per layer, shared ones included; must divide the MLP's intermediate size "
-                        "(default: %(default)s)")
-    g.add_argument("--shared", "-S", type=int, default=0,
-                   help="experts merged into one always-on shared expert (default: %(default)s)")
+                        "(default: 8; finegrained: experts of 32 neurons, E = d_ff/32, wider when that exceeds "
+                        "llama.cpp's 512)")
+    g.add_argument("--shared", "-S", type=int, default=None,
+                   help="experts merged into one always-on shared expert (default: 0; finegrained: E/6)")
     g.add_argument("--top-k", "-K", type=int, default=None,
                    help="routed experts used per token (default: the method's; mlpmoe: all routed experts, fewer "
                         "only with --variant slice, the naive routed baseline; cmoe/moefication/finegrained: the k "
@@ -55,10 +56,10 @@ def _method_args(p: argparse.ArgumentParser) -> None:
                         "spectral partition of the co-activation graph (coact) (default: %(default)s)")
     g.add_argument("--router", default=None, choices=("similarity", "mlp", "linear"),
                    help="moefication: expert-centre similarity router or a trained 2-layer MLP router (default: "
-                        "similarity); finegrained: MLP router trained on the oracle's choices, or a least-squares "
-                        "linear router (default: mlp)")
+                        "similarity); finegrained: least-squares linear router predicting each expert's output "
+                        "norm, or a 2-layer MLP router regressing the same targets (default: linear)")
     g.add_argument("--router-hidden", type=int, default=None,
-                   help="finegrained: width of the MLP router's tanh layer (default: 128)")
+                   help="finegrained --router mlp: width of the MLP router's tanh layer (default: 256)")
     g.add_argument("--stat", default="weighted", choices=("weighted", "activation"),
                    help="finegrained: neuron importance |h|*||W_down column|| (weighted) or |h| alone "
                         "(activation, the papers' statistic) (default: %(default)s)")
@@ -85,8 +86,8 @@ def _opts(args) -> MethodOptions:
     if args.config is not None:
         from .methods.cmoe import parse_config
         cs, ck, ce = parse_config(args.config)
-        for flag, given, default, want in (("--shared", shared, 0, cs), ("--top-k", top_k, None, ck),
-                                           ("--experts", experts, 8, ce)):
+        for flag, given, default, want in (("--shared", shared, None, cs), ("--top-k", top_k, None, ck),
+                                           ("--experts", experts, None, ce)):
             if given != default and given != want:
                 raise UserError(f"--config {args.config} sets {flag} {want}, but {flag} {given} was given")
         experts, shared, top_k = ce, cs, ck
@@ -96,7 +97,7 @@ def _opts(args) -> MethodOptions:
     if args.method == "moefication":
         extra.update(split=args.split, router=args.router or "similarity")
     if args.method == "finegrained":
-        extra.update(stat=args.stat, router=args.router or "mlp")
+        extra.update(stat=args.stat, router=args.router or "linear")
         if args.router_hidden is not None:
             extra["router_hidden"] = args.router_hidden
     if args.layer_budget != "uniform" and args.method == "mlpmoe":

@@ -13,7 +13,7 @@ from .adapters import Adapter, adapter_for
 from .checkpoint import Checkpoint
 from .errors import UserError
 from .gguf_writer import KQUANT_OUTTYPES, OUTTYPES, output_temp_path, write_gguf
-from .methods import MethodOptions, get_method
+from .methods import MethodOptions, get_method, resolve_options
 from .plan import MoEPlan
 
 
@@ -22,6 +22,7 @@ def make_plans(ckpt: Checkpoint, adapter: Adapter, method_name: str, opts: Metho
     """One plan per decoder layer; only that layer's MLP weights are in memory at a time. Methods that need
     calibration go through the layer-sequential pipeline (one decoder layer plus the calibration states)."""
     method = get_method(method_name)
+    opts = resolve_options(method_name, opts, ckpt.d_ff)
     method.validate(opts, ckpt.d_ff)
     if getattr(method, "needs_calibration", False):
         from .calibration import calibrated_plans
@@ -84,6 +85,7 @@ def convert(model: str, out: str | os.PathLike, method: str = "mlpmoe", opts: Me
         raise UserError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
     ckpt = Checkpoint(model, dtype)
     adapter = adapter_for(ckpt.config)
+    opts = resolve_options(method, opts, ckpt.d_ff)
     get_method(method).validate(opts, ckpt.d_ff)
     return write_model_file(ckpt, adapter, [], out, outtype, provenance(ckpt, method, opts, outtype, dtype),
                             progress, make_plans_fn=lambda: make_plans(ckpt, adapter, method, opts, progress))

@@ -44,9 +44,11 @@ def test_weighted_statistic_differs_from_activation():
     assert torch.allclose(w, a * down.norm(dim=0))
 
 
-def test_trained_router_finds_the_oracle_experts():
+@pytest.mark.parametrize("router,loss", [("linear", None), ("mlp", "mse"), ("mlp", "bce")])
+def test_trained_router_finds_the_oracle_experts(router, loss):
     gate, up, down, x = _layer(seed=1, T=4000)
-    opts = MethodOptions(experts=8, shared=0, top_k=2, extra={"router_hidden": 64})
+    extra = {"router": router, "router_hidden": 64, **({"router_loss": loss} if loss else {})}
+    opts = MethodOptions(experts=8, shared=0, top_k=2, extra=extra)
     plan = plan_layer(0, gate, up, down, opts, LayerCalib(x=x))
     recall = plan.info["router_recall_at_k_heldout"]
     chance = 2 / 8
@@ -57,3 +59,14 @@ def test_trained_router_finds_the_oracle_experts():
     picked = moe.select(x[:50])
     assert recall_at_k(norms, norms, 2) == 1.0
     assert torch.equal(picked.sort(1).values, torch.topk(norms, 2, dim=1).indices.sort(1).values)
+
+
+def test_default_shape_is_32_neuron_experts_within_llama_cpp_limit():
+    from gguf_moeify.methods import resolve_options
+    from gguf_moeify.methods.finegrained import default_experts
+    assert default_experts(1536) == 48          # SmolLM2
+    assert default_experts(11008) == 344        # Llama-2-7B
+    assert default_experts(28672) == 448        # width 64: 896 experts of 32 would exceed 512
+    opts = resolve_options("finegrained", MethodOptions(experts=None, shared=None), 1536)
+    assert (opts.experts, opts.shared) == (48, 8)
+    assert resolve_options("cmoe", MethodOptions(experts=None, shared=None), 1536).experts == 8

@@ -9,8 +9,8 @@ from ..errors import UserError
 
 @dataclass
 class MethodOptions:
-    experts: int = 8            # E: total experts, shared ones included (CMoE's z)
-    shared: int = 0             # S: experts merged into the always-on shared expert (CMoE's x)
+    experts: int | None = 8     # E: total experts, shared ones included (CMoE's z); None = the method's default
+    shared: int | None = 0      # S: experts merged into the always-on shared expert (CMoE's x); None = default
     top_k: int | None = None    # routed experts per token (CMoE's y); None = the method's default
     variant: str = "slice"      # MLPMoE: slice | fractal-fade | compensated-pruning
     keep: float | None = None   # MLPMoE variants: fraction of MLP neurons kept
@@ -32,6 +32,20 @@ def _registry():
 
 
 METHOD_NAMES = ("mlpmoe", "cmoe", "moefication", "finegrained")
+
+
+def resolve_options(name: str, opts: MethodOptions, d_ff: int) -> MethodOptions:
+    """Fill in experts/shared left as None with the method's defaults for this d_ff (8 experts, no shared expert,
+    unless the method says otherwise)."""
+    from dataclasses import replace
+    method = get_method(name)
+    experts = opts.experts
+    if experts is None:
+        experts = method.default_experts(d_ff) if hasattr(method, "default_experts") else 8
+    shared = opts.shared
+    if shared is None:
+        shared = method.default_shared(experts) if hasattr(method, "default_shared") else 0
+    return replace(opts, experts=experts, shared=shared)
 
 
 def get_method(name: str):

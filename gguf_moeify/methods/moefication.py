@@ -93,20 +93,20 @@ def _coact_embedding(x, gate, up, idx: np.ndarray, k: int) -> np.ndarray:
 
 
 def train_mlp_router(x: torch.Tensor, target: torch.Tensor, seed: int = 0, epochs: int = MLP_EPOCHS,
-                     return_history: bool = False, hidden: int | None = None):
+                     return_history: bool = False, hidden: int | None = None, loss: str = "bce"):
     """x (T, d), target (T, E) in [0, 1] -> dict of router tensors (w1, b1, w2, b2) taking raw x, and optionally
     the held-out loss per epoch (index 0: before training). ``hidden``: width of the tanh layer (default E, the
-    paper's). Runs on one thread: the steps are tiny, and torch's
+    paper's). ``loss``: "bce" (BCE-with-logits, targets in [0, 1]) or "mse" (regression on real targets). Runs on one thread: the steps are tiny, and torch's
     thread pool on a busy machine made them 50-100x slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train_mlp_router(x, target, seed, epochs, return_history, hidden)
+        return _train_mlp_router(x, target, seed, epochs, return_history, hidden, loss)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_mlp_router(x, target, seed, epochs, return_history, hidden):
+def _train_mlp_router(x, target, seed, epochs, return_history, hidden, loss):
     gen = torch.Generator().manual_seed(seed)
     T, d = x.shape
     E = target.shape[1]
@@ -126,8 +126,10 @@ def _train_mlp_router(x, target, seed, epochs, return_history, hidden):
     params = list(l1.parameters()) + list(l2.parameters())
     opt = torch.optim.Adam(params, lr=MLP_LR)
 
+    criterion = F.binary_cross_entropy_with_logits if loss == "bce" else F.mse_loss
+
     def loss_on(idx):
-        return F.binary_cross_entropy_with_logits(l2(torch.tanh(l1(xs[idx]))), target[idx])
+        return criterion(l2(torch.tanh(l1(xs[idx]))), target[idx])
 
     with torch.no_grad():
         best = loss_on(hold).item()

@@ -1,0 +1,113 @@
+"""Perplexity table, method x active fraction, in the torch reference, with both oracle ceilings next to each cell.
+
+    .venv/bin/python scripts/quality_table.py MODEL --text EVAL.txt --calib CALIB.txt [--chunks 4]
+        [--calib-samples 8 --calib-seqlen 512] [--rows cmoe,moefication:param:similarity,...] [--out DIR]
+
+Each row is a method (``moefication:SPLIT:ROUTER``, ``finegrained:ROUTER``, ``slice`` for MLPMoE slicing with the
+data-free slice router); each column an active fraction (25/50/75%), mapped to E/S/K as ``bench`` does
+(cmoe/slice: S2A2E16, S4A4E16, S6A6E16; moefication: S0A4E16, ...; finegrained: S4A8E48, S8A16E48, S12A24E48).
+A cell is ``ppl (ratio to dense)`` and, below it, the expert oracle (same experts, chosen per token by true output
+norm) and the neuron oracle (same number of neurons chosen one by one). Results are appended to
+``DIR/quality.jsonl`` (a cell already there with the same recipe is not recomputed) and the table is written to
+``DIR/quality.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gguf_moeify.bench import map_fraction  # noqa: E402
+from gguf_moeify.eval_cmd import evaluate_model  # noqa: E402
+from gguf_moeify.methods import MethodOptions  # noqa: E402
+
+DEFAULT_ROWS = ("slice,cmoe,moefication:param:similarity,moefication:param:mlp,moefication:coact:similarity,"
+                "moefication:coact:mlp,finegrained:linear")
+
+
+def row_options(row: str, fraction: float, args) -> tuple[str, MethodOptions]:
+    parts = row.split(":")
+    name = parts[0]
+    method = "mlpmoe" if name == "slice" else name
+    e, s, k = map_fraction(method, fraction, None)
+    extra = {}
+    if name == "moefication":
+        extra = {"split": parts[1], "router": parts[2]}
+    elif name == "finegrained":
+        extra = {"stat": "weighted", "router": parts[1] if len(parts) > 1 else "linear"}
+    calib = None if method == "mlpmoe" else args.calib
+    return method, MethodOptions(experts=e, shared=s, top_k=k, calib=calib, calib_samples=args.calib_samples,
+                                 calib_seqlen=args.calib_seqlen, seed=args.seed, extra=extra)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model")
+    p.add_argument("--text", required=True)
+    p.add_argument("--calib", required=True)
+    p.add_argument("--chunks", type=int, default=4)
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--calib-samples", type=int, default=8)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rows", default=DEFAULT_ROWS)
+    p.add_argument("--fractions", default="0.25,0.5,0.75")
+    p.add_argument("--out", default="out/quality")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "quality.jsonl"
+    done = {}
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            r = json.loads(line)
+            done[r["key"]] = r
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    fractions = [float(f) for f in args.fractions.split(",")]
+    for row in rows:
+        for f in fractions:
+            method, opts = row_options(row, f, args)
+            key = json.dumps({"row": row, "f": f, "model": args.model, "text": args.text, "chunks": args.chunks,
+                              "ctx": args.ctx, "opts": opts.__dict__}, sort_keys=True, default=str)
+            if key in done:
+                continue
+            t0 = time.time()
+            res = evaluate_model(args.model, args.text, method, opts, ctx=args.ctx, chunks=args.chunks, oracle=True)
+            rec = {"key": key, "row": row, "f": f, "seconds": round(time.time() - t0, 1),
+                   "sae": f"S{opts.shared}A{opts.top_k}E{opts.experts}", **res}
+            with log.open("a") as fh:
+                fh.write(json.dumps(rec, sort_keys=True, default=str) + "\n")
+            done[key] = rec
+            print(f"{row} {f:.0%}: ppl {res['moe']['ppl']:.2f} ({res['ratio']:.2f}x)  expert oracle "
+                  f"{res['oracle_ratio']:.2f}x  neuron oracle {res['neuron_oracle_ratio']:.2f}x  "
+                  f"[{rec['seconds']:.0f} s]", flush=True)
+    table = markdown(list(done.values()), rows, fractions)
+    (out / "quality.md").write_text(table)
+    print(table)
+    return 0
+
+
+def markdown(recs: list[dict], rows: list[str], fractions: list[float]) -> str:
+    by = {(r["row"], r["f"]): r for r in recs}
+    dense = next((r["dense"]["ppl"] for r in recs), float("nan"))
+    head = "| method | " + " | ".join(f"{f:.0%} active" for f in fractions) + " |"
+    lines = [f"dense perplexity {dense:.3f}; cell: ppl (x dense) [SxAyEz] / expert oracle / neuron oracle", "",
+             head, "|---" * (len(fractions) + 1) + "|"]
+    for row in rows:
+        cells = []
+        for f in fractions:
+            r = by.get((row, f))
+            cells.append("" if r is None else
+                         f"{r['moe']['ppl']:.1f} ({r['ratio']:.2f}x) [{r['sae']}] / {r['oracle_ratio']:.2f}x / "
+                         f"{r['neuron_oracle_ratio']:.2f}x")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
