@@ -43,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import UserError
@@ -524,7 +524,6 @@ def main(argv: list[str]) -> int:
         files = None if synthetic else MoEFiles(args.model, work, args)
         if not synthetic:
             i += 1
-            base_cfg = Config("dense", 0, 0, 0, args.kld_base)
             prog.step(i, f"dense {args.kld_base} (KLD base)", "converting with llama.cpp's converter")
             base_path, _ = dense_gguf(args.model, args.kld_base, work, tools)
             prog.step(i, f"dense {args.kld_base} (KLD base)",
