@@ -58,6 +58,7 @@ def main() -> int:
     p.add_argument("--rows", default=DEFAULT_ROWS)
     p.add_argument("--fractions", default="0.25,0.5,0.75")
     p.add_argument("--out", default="out/quality")
+    p.add_argument("--report", action="store_true", help="only write the table from the cells already measured")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,7 +75,7 @@ def main() -> int:
             method, opts = row_options(row, f, args)
             key = json.dumps({"row": row, "f": f, "model": args.model, "text": args.text, "chunks": args.chunks,
                               "ctx": args.ctx, "opts": opts.__dict__}, sort_keys=True, default=str)
-            if key in done:
+            if key in done or args.report:
                 continue
             t0 = time.time()
             res = evaluate_model(args.model, args.text, method, opts, ctx=args.ctx, chunks=args.chunks, oracle=True)
@@ -86,7 +87,7 @@ def main() -> int:
             print(f"{row} {f:.0%}: ppl {res['moe']['ppl']:.2f} ({res['ratio']:.2f}x)  expert oracle "
                   f"{res['oracle_ratio']:.2f}x  neuron oracle {res['neuron_oracle_ratio']:.2f}x  "
                   f"[{rec['seconds']:.0f} s]", flush=True)
-    table = markdown(list(done.values()), rows, fractions)
+    table = markdown([r for r in done.values() if r["row"] in rows], rows, fractions)
     (out / "quality.md").write_text(table)
     print(table)
     return 0
