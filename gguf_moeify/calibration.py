@@ -198,12 +198,12 @@ def calibrated_plans(ckpt, adapter, method, opts, progress: bool = True, capture
         capture.append(hidden.clone())
     if curves:
         # bounded to [k/2, 2k]: the proxy compares layers only roughly (see budget.py)
-        k = plans[0].top_k
-        ks = allocate(curves, sum(p.top_k for p in plans), k_min=max(1, k // 2), k_max=2 * k)
-        for p, k, c in zip(plans, ks, curves):
+        uniform = plans[0].top_k
+        ks = allocate(curves, sum(p.top_k for p in plans), k_min=max(1, uniform // 2), k_max=2 * uniform)
+        for p, k_i, c in zip(plans, ks, curves):
             p.info["uniform_top_k"] = p.top_k
             p.info["budget_error_curve"] = [round(float(v), 8) for v in c]
-            p.top_k = k
+            p.top_k = k_i
     return plans
 
 
