@@ -87,10 +87,10 @@ def default_top_k(opts: MethodOptions) -> int:
     return active_fraction_default(opts.experts, opts.shared)
 
 
-def _h_chunks(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
+def _h_chunks(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, chunk: int = CHUNK):
     g, u = gate.float(), up.float()
-    for s in range(0, x.shape[0], CHUNK):
-        xc = x[s:s + CHUNK].float()
+    for s in range(0, x.shape[0], chunk):
+        xc = x[s:s + chunk].float()
         yield s, F.silu(xc @ g.t()) * (xc @ u.t())
 
 
@@ -127,8 +127,9 @@ def expert_output_norms(x, gate, up, down, experts: np.ndarray) -> torch.Tensor:
     g, u = gate[ex].float(), up[ex].float()
     dn = down.float()[:, ex].t().reshape(E, m, -1)                    # (E, m, d)
     out = torch.empty(x.shape[0], E)
-    for s, h in _h_chunks(x, g, u):
-        y = torch.bmm(h.reshape(h.shape[0], E, m).transpose(0, 1), dn)  # (E, T, d)
+    rows = max(1, min(CHUNK, 2 ** 26 // (E * dn.shape[2])))            # keep the (E, rows, d) block <= 256 MiB
+    for s, h in _h_chunks(x, g, u, rows):
+        y = torch.bmm(h.reshape(h.shape[0], E, m).transpose(0, 1), dn)  # (E, rows, d)
         out[s:s + h.shape[0]] = y.norm(dim=-1).t()
     return out
 
