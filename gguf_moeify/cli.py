@@ -69,7 +69,8 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("calibration (cmoe, moefication, finegrained)")
     c.add_argument("--calib", default=None, metavar="FILE|DIR|wikitext2",
                    help="calibration text: a UTF-8 file, a folder of .txt files, or wikitext2 (WikiText-2 train via "
-                        "the `datasets` package, online only); required by cmoe, moefication and finegrained (default: none)")
+                        "the `datasets` package, online only); required by cmoe, moefication and finegrained "
+                        "(default: none)")
     c.add_argument("--calib-samples", type=int, default=8,
                    help="calibration windows, drawn at random starts (default: %(default)s)")
     c.add_argument("--calib-seqlen", type=int, default=2048,

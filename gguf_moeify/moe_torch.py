@@ -26,7 +26,7 @@ def router_scores(kind: str, t: dict[str, torch.Tensor], x: torch.Tensor, act=F.
 
 class MoEMLP(nn.Module):
     def __init__(self, plan: MoEPlan, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act: str = "silu",
-                 oracle: bool = False):
+                 oracle: bool | str = False):
         super().__init__()
         self.plan = plan
         # oracle (torch reference only, an upper bound; not expressible in a GGUF), ignoring the router:

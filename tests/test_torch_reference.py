@@ -77,7 +77,8 @@ def test_slice_routed_baseline_router_and_variant_check():
     from gguf_moeify.errors import UserError
     from gguf_moeify.methods.mlpmoe import plan_layer, validate
     g = torch.Generator().manual_seed(0)
-    gate, up, down = torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g), torch.randn(16, 64, generator=g)
+    gate, up = torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g)
+    down = torch.randn(16, 64, generator=g)
     plan = plan_layer(0, gate, up, down, MethodOptions(experts=8, shared=2, top_k=3))
     assert plan.top_k == 3 and plan.n_experts == 6 and plan.info["router"] == "slice-similarity"
     gn = torch.nn.functional.normalize(gate, dim=1)

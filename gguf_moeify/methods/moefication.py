@@ -94,10 +94,10 @@ def _coact_embedding(x, gate, up, idx: np.ndarray, k: int) -> np.ndarray:
 
 def train_mlp_router(x: torch.Tensor, target: torch.Tensor, seed: int = 0, epochs: int = MLP_EPOCHS,
                      return_history: bool = False, hidden: int | None = None, loss: str = "bce"):
-    """x (T, d), target (T, E) in [0, 1] -> dict of router tensors (w1, b1, w2, b2) taking raw x, and optionally
-    the held-out loss per epoch (index 0: before training). ``hidden``: width of the tanh layer (default E, the
-    paper's). ``loss``: "bce" (BCE-with-logits, targets in [0, 1]) or "mse" (regression on real targets). Runs on one thread: the steps are tiny, and torch's
-    thread pool on a busy machine made them 50-100x slower."""
+    """x (T, d), target (T, E) -> dict of router tensors (w1, b1, w2, b2) taking raw x, and optionally the
+    held-out loss per epoch (index 0: before training). ``hidden``: width of the tanh layer (default E, the
+    paper's). ``loss``: "bce" (BCE-with-logits, targets in [0, 1]) or "mse" (regression on real targets).
+    Runs on one thread: the steps are tiny, and torch's thread pool on a busy machine made them 50-100x slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
