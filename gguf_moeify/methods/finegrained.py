@@ -45,7 +45,7 @@ needs_calibration = True
 STATS = ("weighted", "activation")
 ROUTERS = ("linear", "mlp")
 DEFAULT_HIDDEN = 256
-MAX_EXPERTS = 512      # llama.cpp's LLAMA_MAX_EXPERTS
+MAX_EXPERTS = 512      # older llama.cpp builds' LLAMA_MAX_EXPERTS (the pinned commit allows 1024)
 CHUNK = 4096
 MIN_MARK_FRACTION = 0.05
 HELDOUT = 0.1
@@ -69,8 +69,8 @@ def validate(opts: MethodOptions, d_ff: int) -> None:
 
 def default_experts(d_ff: int) -> int:
     """Experts of 32 neurons (the q4_0/q8_0 block, so ffn_down_exps quantizes), widened by multiples of 32 while
-    E would exceed llama.cpp's 512; d_ff not a multiple of 32: the largest divisor of d_ff up to 512 with width
-    >= 32 (its down tensors then fall back to f16)."""
+    E would exceed 512 (so older llama.cpp builds load the file too); d_ff not a multiple of 32: the largest
+    divisor of d_ff up to 512 with width >= 32 (its down tensors then fall back to f16)."""
     for width in range(32, d_ff + 1, 32):
         if d_ff % width == 0 and d_ff // width <= MAX_EXPERTS:
             return d_ff // width
