@@ -106,18 +106,23 @@ def _bos_for(path) -> int | None:
     return int(f["tokenizer.ggml.bos_token_id"].contents()) if add_bos else None
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-@pytest.mark.parametrize("kind", ["linear", "cmoe", "mlp"])
-def test_routed_parity_with_torch_reference(tools, tiny_models, text_file, tmp_path, arch, kind):
-    out = tmp_path / "moe.gguf"
-    ckpt, adapter, plans = _write(tiny_models[arch], _routed_plans(kind, top_k=3), out)
+def _torch_and_llama_cpp(tools, out, ckpt, adapter, plans, text_file, tmp_path):
+    """(torch reference, llama-perplexity) on the very tokens llama.cpp scored (f32 attention in llama.cpp)."""
     saved = tmp_path / "logits.bin"
     cpp = tools.perplexity(out, text_file, ctx=CTX, chunks=CHUNKS, threads=2, save_logits=saved, extra=F32_KV)
     n_ctx, tokens = read_saved_tokens(saved)
     assert n_ctx == CTX
     model, _ = load_dense(ckpt, tokenizer=False)
     moeify_(model, adapter, plans)
-    ref = perplexity(logits_fn(model), tokens, CTX, CHUNKS, _bos_for(out))
+    return perplexity(logits_fn(model), tokens, CTX, CHUNKS, _bos_for(out)), cpp
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["linear", "cmoe", "mlp"])
+def test_routed_parity_with_torch_reference(tools, tiny_models, text_file, tmp_path, arch, kind):
+    out = tmp_path / "moe.gguf"
+    ckpt, adapter, plans = _write(tiny_models[arch], _routed_plans(kind, top_k=3), out)
+    ref, cpp = _torch_and_llama_cpp(tools, out, ckpt, adapter, plans, text_file, tmp_path)
     assert relative_difference(ref.ppl, cpp.final_ppl) < 1e-3, (ref.ppl, cpp.final_ppl)
     # and the agreement is far tighter than what routing changes: all 7 routed experts active differs 10x more
     full = tools.perplexity(out, text_file, ctx=CTX, chunks=CHUNKS, threads=2,
@@ -167,12 +172,7 @@ def test_per_layer_budget_parity_with_torch_reference(tools, tiny_models, text_f
     ckpt, adapter, plans = _write(tiny_models[arch], make, out)
     field = gguf.GGUFReader(out).fields[f"{adapter.gguf_arch}.expert_used_count"]
     assert field.contents() == ks
-    saved = tmp_path / "logits.bin"
-    cpp = tools.perplexity(out, text_file, ctx=CTX, chunks=CHUNKS, threads=2, save_logits=saved, extra=F32_KV)
-    _, tokens = read_saved_tokens(saved)
-    model, _ = load_dense(ckpt, tokenizer=False)
-    moeify_(model, adapter, plans)
-    ref = perplexity(logits_fn(model), tokens, CTX, CHUNKS, _bos_for(out))
+    ref, cpp = _torch_and_llama_cpp(tools, out, ckpt, adapter, plans, text_file, tmp_path)
     assert relative_difference(ref.ppl, cpp.final_ppl) < 1e-3, (ref.ppl, cpp.final_ppl)
     # layer 0's count everywhere (what an unpatched graph would compute) is a different function
     out0 = tmp_path / "moe-uniform.gguf"
@@ -188,12 +188,7 @@ def test_many_experts_used_fit_the_graph_and_match_torch(tools, tiny_models, tex
     out = tmp_path / "moe.gguf"
     ckpt, adapter, plans = _write(tiny_models["llama"], _routed_plans("linear", top_k=250, experts=256, shared=0),
                                   out)
-    saved = tmp_path / "logits.bin"
-    cpp = tools.perplexity(out, text_file, ctx=CTX, chunks=CHUNKS, threads=2, save_logits=saved, extra=F32_KV)
-    _, tokens = read_saved_tokens(saved)
-    model, _ = load_dense(ckpt, tokenizer=False)
-    moeify_(model, adapter, plans)
-    ref = perplexity(logits_fn(model), tokens, CTX, CHUNKS, _bos_for(out))
+    ref, cpp = _torch_and_llama_cpp(tools, out, ckpt, adapter, plans, text_file, tmp_path)
     assert relative_difference(ref.ppl, cpp.final_ppl) < 1e-3, (ref.ppl, cpp.final_ppl)
 
 
