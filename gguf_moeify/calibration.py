@@ -82,18 +82,26 @@ def calib_tokens(model_path: str | Path, config: dict, source: str, samples: int
     if seqlen < 2:
         raise UserError(f"--calib-seqlen must be >= 2, got {seqlen}")
     seqlen = min(seqlen, int(config.get("max_position_embeddings") or seqlen))
+    return draw_windows(tokenize_text(model_path, source), samples, seqlen, seed)
+
+
+def tokenize_text(model_path: str | Path, source: str) -> torch.Tensor:
+    """The whole text of ``source`` (file, folder or wikitext2) as one int64 token sequence, no special tokens."""
     text = read_calib_text(source)
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(str(model_path))
-    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def draw_windows(ids: torch.Tensor, samples: int, seqlen: int, seed: int, what: str = "--calib") -> torch.Tensor:
+    """``samples`` windows of ``seqlen`` tokens at random starts drawn with ``seed`` (the GPTQ/CMoE recipe)."""
     if len(ids) < seqlen + 1:
-        raise UserError(f"--calib text too short: {len(ids)} tokens, need more than --calib-seqlen {seqlen}")
+        raise UserError(f"{what} text too short: {len(ids)} tokens, need more than {seqlen} (the window length)")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - seqlen, (samples,), generator=gen).tolist()
-    ids_t = torch.tensor(ids, dtype=torch.long)
-    return torch.stack([ids_t[s:s + seqlen] for s in starts])
+    return torch.stack([ids[s:s + seqlen] for s in starts])
 
 
 class LayerwiseModel:

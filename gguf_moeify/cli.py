@@ -77,6 +77,23 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--seed", type=int, default=0,
                    help="seed for calibration windows, k-means initialisation and router training "
                         "(default: %(default)s)")
+    f = p.add_argument_group("recovery fine-tuning (optional, CMoE's recipe)")
+    f.add_argument("--finetune", default="none", choices=("none", "lora"),
+                   help="after conversion, LoRA on every linear layer (attention and each expert) of the torch "
+                        "model, next-token loss, router frozen; merged into the weights before writing "
+                        "(default: %(default)s)")
+    f.add_argument("--finetune-data", default=None, metavar="FILE|DIR|wikitext2",
+                   help="fine-tuning text (default: the --calib text; held-out windows from its last eighth)")
+    f.add_argument("--finetune-samples", type=int, default=128,
+                   help="windows drawn from the text, 1 in 8 held out for early stopping (default: %(default)s)")
+    f.add_argument("--finetune-seqlen", type=int, default=512, help="tokens per window (default: %(default)s)")
+    f.add_argument("--finetune-steps", type=int, default=None,
+                   help="optimizer steps of one window each (default: one pass over the training windows)")
+    f.add_argument("--finetune-rank", type=int, default=8, help="LoRA rank r (default: %(default)s)")
+    f.add_argument("--finetune-alpha", type=float, default=16.0,
+                   help="LoRA scale alpha (update = alpha/r * B A) (default: %(default)s)")
+    f.add_argument("--finetune-lr", type=float, default=2e-4,
+                   help="AdamW learning rate, decayed linearly to 0 (default: %(default)s)")
     g.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="working precision for reading and computing (default: %(default)s)")
 
@@ -108,6 +125,16 @@ def _opts(args) -> MethodOptions:
     return MethodOptions(experts=experts, shared=shared, top_k=top_k, variant=args.variant, keep=args.keep,
                          calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                          seed=args.seed, layer_budget=args.layer_budget, extra=extra)
+
+
+def _lora(args):
+    """LoRAOptions from the command line, or None without --finetune lora."""
+    if args.finetune == "none":
+        return None
+    from .finetune import LoRAOptions
+    return LoRAOptions(rank=args.finetune_rank, alpha=args.finetune_alpha, lr=args.finetune_lr,
+                       steps=args.finetune_steps, samples=args.finetune_samples, seqlen=args.finetune_seqlen,
+                       data=args.finetune_data, seed=args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,7 +179,7 @@ def _run(args) -> int:
     if args.command == "convert":
         from .convert import convert
         out = convert(args.model, args.out, args.method, _opts(args), args.outtype, args.dtype,
-                      progress=not args.quiet)
+                      progress=not args.quiet, finetune=_lora(args))
         print(f"wrote {out}")
     elif args.command == "inspect":
         from .inspect_gguf import inspect_gguf
@@ -160,13 +187,18 @@ def _run(args) -> int:
     elif args.command == "eval":
         from .eval_cmd import evaluate_model
         res = evaluate_model(args.model, args.text, args.method, _opts(args), args.dtype, args.ctx, args.chunks,
-                             oracle=args.oracle)
+                             oracle=args.oracle, finetune=_lora(args))
         if args.json:
             print(json.dumps(res, sort_keys=True))
         else:
             print(f"dense ppl {res['dense']['ppl']:.4f}   {args.method} ppl {res['moe']['ppl']:.4f}   "
                   f"ratio {res['ratio']:.5f}   active fraction {res['active_fraction']:.3f}   "
                   f"({res['moe']['n_chunks']} windows of {args.ctx}, {res['moe']['n_scored']} tokens scored)")
+            if "finetuned" in res:
+                ft = res["finetune"]
+                print(f"after LoRA ppl {res['finetuned']['ppl']:.4f}   ratio {res['finetuned_ratio']:.5f}   "
+                      f"({ft['steps']} steps, held-out loss {ft['held_out_loss_start']:.4f} -> "
+                      f"{ft['held_out_loss_best']:.4f})")
             if "oracle" in res:
                 print(f"oracle router ppl {res['oracle']['ppl']:.4f}   ratio {res['oracle_ratio']:.5f}   "
                       f"(same experts, chosen per token by true output norm)")

@@ -12,6 +12,7 @@ from . import __version__
 from .adapters import Adapter, adapter_for
 from .checkpoint import Checkpoint
 from .errors import UserError
+from .finetune import LoRAOptions
 from .gguf_writer import KQUANT_OUTTYPES, OUTTYPES, output_temp_path, write_gguf
 from .methods import MethodOptions, get_method, resolve_options
 from .plan import MoEPlan
@@ -44,9 +45,10 @@ def provenance(ckpt: Checkpoint, method: str, opts: MethodOptions, outtype: str,
 
 def write_model_file(ckpt: Checkpoint, adapter: Adapter, plans: list[MoEPlan], out: str | os.PathLike,
                      outtype: str, provenance: dict, progress: bool = True,
-                     make_plans_fn=None) -> Path:
+                     make_plans_fn=None, overrides_fn=None) -> Path:
     """Plans -> GGUF at ``out`` via a temporary file in the same folder, renamed only when complete.
-    ``make_plans_fn`` (optional) computes the plans after the output was checked to be writable."""
+    ``make_plans_fn`` (optional) computes the plans after the output was checked to be writable;
+    ``overrides_fn(plans)`` (optional) returns tensors that replace the checkpoint's (see ``write_gguf``)."""
     if outtype not in OUTTYPES:
         raise UserError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
     out = Path(out)
@@ -56,8 +58,9 @@ def write_model_file(ckpt: Checkpoint, adapter: Adapter, plans: list[MoEPlan], o
     try:
         if make_plans_fn is not None:
             plans = make_plans_fn()
+        overrides = overrides_fn(plans) if overrides_fn is not None else None
         float_type = "f16" if outtype in KQUANT_OUTTYPES else outtype
-        fallbacks = write_gguf(tmp, ckpt, adapter, plans, float_type, provenance, progress)
+        fallbacks = write_gguf(tmp, ckpt, adapter, plans, float_type, provenance, progress, overrides)
         if fallbacks:
             print(f"note: {len(fallbacks)} tensors kept at f16 (last dimension not a multiple of 32), "
                   f"e.g. {fallbacks[0]}", file=sys.stderr)
@@ -78,8 +81,23 @@ def write_model_file(ckpt: Checkpoint, adapter: Adapter, plans: list[MoEPlan], o
     return out
 
 
+def finetuned_overrides_fn(ckpt: Checkpoint, adapter: Adapter, calib: str | None, lora: LoRAOptions,
+                           prov: dict, progress: bool = True):
+    """``overrides_fn`` for write_model_file: build the torch reference from the plans, fine-tune it with LoRA
+    (merged), record the run in the provenance, and hand over the changed tensors."""
+    def run(plans: list[MoEPlan]) -> dict:
+        from .finetune import finetune_lora, finetuned_overrides
+        from .reference import load_dense, moeify_
+        model, _ = load_dense(ckpt, tokenizer=False)
+        moeify_(model, adapter, plans)
+        prov["finetune"] = {"method": "lora", **finetune_lora(model, ckpt, adapter, calib, lora, progress)}
+        return finetuned_overrides(model, adapter, ckpt.n_layers)
+    return run
+
+
 def convert(model: str, out: str | os.PathLike, method: str = "mlpmoe", opts: MethodOptions | None = None,
-            outtype: str = "f16", dtype: str = "float32", progress: bool = True) -> Path:
+            outtype: str = "f16", dtype: str = "float32", progress: bool = True,
+            finetune: LoRAOptions | None = None) -> Path:
     opts = opts or MethodOptions()
     if outtype not in OUTTYPES:
         raise UserError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
@@ -87,5 +105,11 @@ def convert(model: str, out: str | os.PathLike, method: str = "mlpmoe", opts: Me
     adapter = adapter_for(ckpt.config)
     opts = resolve_options(method, opts, ckpt.d_ff)
     get_method(method).validate(opts, ckpt.d_ff)
-    return write_model_file(ckpt, adapter, [], out, outtype, provenance(ckpt, method, opts, outtype, dtype),
-                            progress, make_plans_fn=lambda: make_plans(ckpt, adapter, method, opts, progress))
+    prov = provenance(ckpt, method, opts, outtype, dtype)
+    overrides_fn = None
+    if finetune is not None:
+        finetune.check(opts.calib)
+        overrides_fn = finetuned_overrides_fn(ckpt, adapter, opts.calib, finetune, prov, progress)
+    return write_model_file(ckpt, adapter, [], out, outtype, prov, progress,
+                            make_plans_fn=lambda: make_plans(ckpt, adapter, method, opts, progress),
+                            overrides_fn=overrides_fn)

@@ -14,7 +14,11 @@ def add_bos_of(tokenizer) -> bool:
 
 
 def evaluate_model(model: str, text_file: str, method: str, opts: MethodOptions, dtype: str = "float32",
-                   ctx: int = 512, chunks: int | None = None, oracle: bool = False) -> dict:
+                   ctx: int = 512, chunks: int | None = None, oracle: bool = False, finetune=None) -> dict:
+    """Dense vs converted perplexity; with ``finetune`` (LoRAOptions) also after LoRA recovery; with ``oracle`` the
+    two ceilings of the (fine-tuned, if so) plan."""
+    if finetune is not None:
+        finetune.check(opts.calib)
     ckpt = Checkpoint(model, dtype)
     adapter = adapter_for(ckpt.config)
     text = read_text(text_file)
@@ -28,6 +32,11 @@ def evaluate_model(model: str, text_file: str, method: str, opts: MethodOptions,
     active = sum(p.active_fraction() for p in plans) / len(plans)
     res = {"dense": dense.as_dict(), "moe": moe.as_dict(), "ratio": moe.ppl / dense.ppl,
            "active_fraction": active, "method": method, "plan": plans[0].summary()}
+    if finetune is not None:
+        from .finetune import finetune_lora
+        res["finetune"] = finetune_lora(hf, ckpt, adapter, opts.calib, finetune)
+        tuned = perplexity(logits_fn(hf), tokens, ctx, chunks, bos, desc=f"{method} + LoRA")
+        res.update(finetuned=tuned.as_dict(), finetuned_ratio=tuned.ppl / dense.ppl)
     if oracle:
         from .moe_torch import MoEMLP
         for mode, key in (("expert", "oracle"), ("neuron", "neuron_oracle")):

@@ -46,6 +46,11 @@ _EXPERT_GGUF = {"gate_exps": "ffn_gate_exps", "up_exps": "ffn_up_exps", "down_ex
                 "gate_shexp": "ffn_gate_shexp", "up_shexp": "ffn_up_shexp", "down_shexp": "ffn_down_shexp"}
 
 
+def expert_tensor_name(layer: int, key: str) -> str:
+    """GGUF name of one of a layer's expert tensors (key: an ``expert_tensors`` key such as "gate_exps")."""
+    return f"blk.{layer}.{_EXPERT_GGUF[key]}.weight"
+
+
 def _qtype(outtype: str):
     import gguf
     T = gguf.GGMLQuantizationType
@@ -70,9 +75,11 @@ class Entry:
 class TensorPlanner:
     """Decides every tensor of the output file (name, shape, type) and how to produce its data lazily."""
 
-    def __init__(self, ckpt: Checkpoint, adapter: Adapter, plans: list[MoEPlan], outtype: str):
+    def __init__(self, ckpt: Checkpoint, adapter: Adapter, plans: list[MoEPlan], outtype: str,
+                 overrides: dict[str, torch.Tensor] | None = None):
         import gguf
         self.ckpt, self.adapter, self.plans, self.outtype = ckpt, adapter, plans, outtype
+        self.overrides = overrides or {}
         self.T = gguf.GGMLQuantizationType
         self.base = _qtype(outtype)
         self.fallbacks: list[str] = []
@@ -92,13 +99,21 @@ class TensorPlanner:
         return base
 
     def _hf(self, name: str) -> Callable[[], np.ndarray]:
+        if name in self.overrides:
+            return lambda: self.overrides[name].detach().to(torch.float32).numpy()
         return lambda: self.ckpt.get(name, torch.float32).numpy()
 
     def _layer_experts(self, i: int) -> dict:
         if self._memo is None or self._memo[0] != i:
             self._memo = None  # free the previous layer first
-            gate, up, down = (self.ckpt.get(n, torch.float32) for n in self.adapter.mlp_names(i))
-            self._memo = (i, {k: v.numpy() for k, v in expert_tensors(self.plans[i], gate, up, down).items()})
+            own = {key: self.overrides[expert_tensor_name(i, key)].detach().to(torch.float32).numpy()
+                   for key in _EXPERT_GGUF if expert_tensor_name(i, key) in self.overrides}
+            if len(own) == (6 if self.plans[i].shared_width else 3):
+                self._memo = (i, own)
+            else:
+                gate, up, down = (self.ckpt.get(n, torch.float32) for n in self.adapter.mlp_names(i))
+                experts = expert_tensors(self.plans[i], gate, up, down)
+                self._memo = (i, {**{k: v.numpy() for k, v in experts.items()}, **own})
         return self._memo[1]
 
     def entries(self) -> list[Entry]:
@@ -135,7 +150,7 @@ class TensorPlanner:
                 shapes.update(gate_shexp=(plan.shared_width, d), up_shexp=(plan.shared_width, d),
                               down_shexp=(d, plan.shared_width))
             for key, shape in shapes.items():
-                name = f"blk.{i}.{_EXPERT_GGUF[key]}.weight"
+                name = expert_tensor_name(i, key)
                 out.append(Entry(name, shape, self._type_for(name, shape),
                                  (lambda i, key: lambda: self._layer_experts(i)[key])(i, key)))
         norm = ck.shape("model.norm.weight")
@@ -200,8 +215,10 @@ def output_temp_path(out: Path) -> Path:
 
 
 def write_gguf(out_tmp: Path, ckpt: Checkpoint, adapter: Adapter, plans: list[MoEPlan], outtype: str,
-               provenance: dict, progress: bool = True) -> list[str]:
-    """Write the GGUF to ``out_tmp``; returns the names of tensors that fell back to f16."""
+               provenance: dict, progress: bool = True, overrides: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """Write the GGUF to ``out_tmp``; returns the names of tensors that fell back to f16. ``overrides`` replaces
+    tensors by name: checkpoint tensors by their HF name (HF layout), expert tensors by their GGUF name
+    (``expert_tensor_name``, expert layout), e.g. the merged weights of a fine-tuned model."""
     import gguf
     check_plans_uniform(plans)
     conv_arch, conv_keys = converter_keys(ckpt.path)
@@ -233,7 +250,7 @@ def write_gguf(out_tmp: Path, ckpt: Checkpoint, adapter: Adapter, plans: list[Mo
     writer.add_string("gguf_moeify.provenance", json.dumps(provenance, sort_keys=True))
     writer.add_string("gguf_moeify.plan", json.dumps([p.summary() for p in plans], sort_keys=True))
 
-    planner = TensorPlanner(ckpt, adapter, plans, outtype)
+    planner = TensorPlanner(ckpt, adapter, plans, outtype, overrides)
     entries = planner.entries()
     for e in entries:
         dtype, shape = _encoded_layout(e.shape, e.qtype)

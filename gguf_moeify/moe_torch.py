@@ -41,10 +41,19 @@ class MoEMLP(nn.Module):
             self.register_buffer(name, w, persistent=False)
         self.router = {k: torch.as_tensor(v, dtype=gate.dtype) for k, v in plan.router.tensors.items()}
         self.has_shared = plan.shared_width > 0
+        # trainable low-rank updates of expert tensors (finetune.py; empty otherwise): name -> module whose call
+        # returns a tensor shaped like the buffer it is added to
+        self.deltas = nn.ModuleDict()
 
-    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(x @ self.gate_exps[e].t()) * (x @ self.up_exps[e].t())
-        return h @ self.down_exps[e].t()
+    def weight(self, name: str) -> torch.Tensor:
+        """An expert tensor as the forward pass uses it: the buffer plus its fine-tuning update, if any."""
+        w = getattr(self, name)
+        return w + self.deltas[name]().to(w.dtype) if name in self.deltas else w
+
+    def _expert(self, e: int, x: torch.Tensor, w: dict | None = None) -> torch.Tensor:
+        w = w or {n: getattr(self, n) for n in ("gate_exps", "up_exps", "down_exps")}
+        h = self.act(x @ w["gate_exps"][e].t()) * (x @ w["up_exps"][e].t())
+        return h @ w["down_exps"][e].t()
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
         """(T, top_k) indices of the chosen experts for each row of x."""
@@ -72,18 +81,20 @@ class MoEMLP(nn.Module):
         x = x.reshape(-1, shape[-1])
         if self.oracle == "neuron":
             return self._neuron_oracle(x).reshape(shape)
+        w = {n: self.weight(n) for n in ("gate_exps", "up_exps", "down_exps")}
         out = torch.zeros_like(x)
         n_exp = self.gate_exps.shape[0]
         if self.top_k == n_exp:
             for e in range(n_exp):
-                out += self._expert(e, x)
+                out += self._expert(e, x, w)
         else:
             chosen = torch.zeros(x.shape[0], n_exp, dtype=torch.bool, device=x.device)
             chosen.scatter_(1, self.select(x), True)
             for e in range(n_exp):
                 rows = chosen[:, e].nonzero().squeeze(-1)
                 if rows.numel():
-                    out.index_add_(0, rows, self._expert(e, x[rows]))
+                    out.index_add_(0, rows, self._expert(e, x[rows], w))
         if self.has_shared:
-            out += (self.act(x @ self.gate_shexp.t()) * (x @ self.up_shexp.t())) @ self.down_shexp.t()
+            gate, up, down = (self.weight(n) for n in ("gate_shexp", "up_shexp", "down_shexp"))
+            out += (self.act(x @ gate.t()) * (x @ up.t())) @ down.t()
         return out.reshape(shape)

@@ -1,0 +1,110 @@
+"""--finetune lora: training lowers the held-out loss, merging is exact, and the GGUF carries the merged weights."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gguf_moeify.adapters import adapter_for
+from gguf_moeify.checkpoint import Checkpoint
+from gguf_moeify.cli import main as cli_main
+from gguf_moeify.convert import make_plans
+from gguf_moeify.finetune import (LoRALinear, LoRAOptions, LowRankDelta, attach_lora, decoder_layers,
+                                  finetune_lora, merge_lora)
+from gguf_moeify.methods import MethodOptions
+from gguf_moeify.moe_torch import MoEMLP
+from gguf_moeify.plan import expert_tensors
+from gguf_moeify.reference import load_dense, moeify_
+from gguf_moeify.rope_layout import permute_qk
+
+from conftest import ROOT
+
+TEXT = ROOT / "tests" / "data" / "austen_prideprejudice_excerpt.txt"
+
+
+def _moe_model(model_dir):
+    ckpt = Checkpoint(model_dir)
+    adapter = adapter_for(ckpt.config)
+    opts = MethodOptions(experts=4, shared=1, top_k=1, calib=str(TEXT), calib_samples=2, calib_seqlen=48)
+    plans = make_plans(ckpt, adapter, "cmoe", opts, progress=False)
+    model, _ = load_dense(ckpt, tokenizer=False)
+    moeify_(model, adapter, plans)
+    return ckpt, adapter, plans, model
+
+
+def test_merge_is_exact_and_removes_lora(tiny_models):
+    ckpt, adapter, _, model = _moe_model(tiny_models["mistral"])
+    layers = decoder_layers(model, adapter, ckpt.n_layers)
+    params = attach_lora(model, layers, LoRAOptions(rank=4))
+    n_linear = sum(isinstance(m, LoRALinear) for m in model.modules())
+    n_expert = sum(len(m.deltas) for m in model.modules() if isinstance(m, MoEMLP))
+    assert n_linear == 4 * ckpt.n_layers and n_expert == 6 * ckpt.n_layers     # q,k,v,o; 3 routed + 3 shared
+    assert all(p.requires_grad for p in params) and not any(p.requires_grad for p in model.lm_head.parameters())
+    ids = torch.randint(0, ckpt.config["vocab_size"], (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        start = model(input_ids=ids).logits
+        for m in model.modules():
+            if isinstance(m, LowRankDelta):
+                m.B.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        lora = model(input_ids=ids).logits
+    merge_lora(layers)
+    with torch.no_grad():
+        merged = model(input_ids=ids).logits
+    assert not any(isinstance(m, (LoRALinear, LowRankDelta)) for m in model.modules())
+    assert (lora - start).abs().max() > 1e-2                  # the update changes the model ...
+    assert torch.allclose(merged, lora, atol=1e-5, rtol=1e-5)  # ... and merging keeps exactly that model
+
+
+def test_training_lowers_held_out_loss_and_the_gguf_carries_the_merged_weights(tiny_models, tmp_path):
+    import gguf
+    from gguf_moeify.gguf_writer import write_gguf
+    from gguf_moeify.finetune import finetuned_overrides
+    ckpt, adapter, plans, model = _moe_model(tiny_models["llama"])
+    opts = LoRAOptions(rank=4, lr=1e-2, steps=24, samples=9, seqlen=64, data=str(TEXT))
+    info = finetune_lora(model, ckpt, adapter, None, opts, progress=False)
+    assert info["steps"] == 24 and info["train_windows"] == 8 and info["held_out_windows"] == 1
+    assert info["held_out_loss_best"] < info["held_out_loss_start"] - 0.05, info
+    out = tmp_path / "tuned.gguf"
+    write_gguf(out, ckpt, adapter, plans, "f32", {"test": True}, progress=False,
+               overrides=finetuned_overrides(model, adapter, ckpt.n_layers))
+    tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(out).tensors}
+    layer = model.model.layers[1]
+    q = layer.self_attn.q_proj.weight.detach()
+    assert np.array_equal(tensors["blk.1.attn_q.weight"], permute_qk(q, ckpt.config["num_attention_heads"]).numpy())
+    assert np.array_equal(tensors["blk.1.attn_output.weight"], layer.self_attn.o_proj.weight.detach().numpy())
+    for key, name in (("gate_exps", "ffn_gate_exps"), ("down_shexp", "ffn_down_shexp")):
+        tuned = getattr(layer.mlp, key).numpy()
+        assert np.array_equal(tensors[f"blk.1.{name}.weight"], tuned)
+        orig = expert_tensors(plans[1], *(ckpt.get(n) for n in adapter.mlp_names(1)))[key].numpy()
+        assert np.abs(tuned - orig).max() > 1e-4                # training moved the expert weights
+    # what LoRA does not touch is the checkpoint's: norms, embeddings, routers
+    assert np.array_equal(tensors["blk.1.attn_norm.weight"], ckpt.get("model.layers.1.input_layernorm.weight").numpy())
+    assert np.array_equal(tensors["blk.1.ffn_gate_inp.weight"], plans[1].router.tensors["gate"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "mlpmoe", "--finetune", "lora"], "needs text"),
+    (["--method", "cmoe", "--calib", str(TEXT), "--finetune", "lora", "--finetune-rank", "0"],
+     "--finetune-rank must be >= 1"),
+    (["--method", "cmoe", "--calib", str(TEXT), "--finetune", "lora", "--finetune-data", "/nonexistent.txt"],
+     "no such file"),
+])
+def test_bad_finetune_options_are_one_line(tiny_models, tmp_path, capsys, argv, message):
+    out = tmp_path / "x.gguf"
+    code = cli_main([str(tiny_models["llama"]), str(out), "-q", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1 and not list(tmp_path.iterdir())
+
+
+def test_cli_finetune_writes_a_file_with_the_run_in_its_provenance(tiny_models, tmp_path):
+    import gguf
+    import json
+    out = tmp_path / "tuned.gguf"
+    code = cli_main([str(tiny_models["llama"]), str(out), "--method", "cmoe", "--config", "S1A1E4", "--calib",
+                     str(TEXT), "--calib-samples", "2", "--calib-seqlen", "48", "--finetune", "lora",
+                     "--finetune-samples", "4", "--finetune-seqlen", "32", "--finetune-steps", "3", "-q",
+                     "--outtype", "f32"])
+    assert code == 0 and out.is_file()
+    field = gguf.GGUFReader(out).get_field("gguf_moeify.provenance")
+    prov = json.loads(bytes(field.parts[field.data[0]]).decode())
+    assert prov["finetune"]["method"] == "lora" and prov["finetune"]["steps"] == 3
