@@ -4,7 +4,8 @@
         [--calib-samples 8 --calib-seqlen 512] [--rows cmoe,moefication:param:similarity,...] [--out DIR]
 
 Each row is a method (``moefication:SPLIT:ROUTER``, ``finegrained:ROUTER``, ``slice`` for MLPMoE slicing with the
-data-free slice router); each column an active fraction (25/50/75%), mapped to E/S/K as ``bench`` does
+data-free slice router, ``slice:METHOD`` with METHOD's E/S/K; a ``+lora`` suffix adds the ``--finetune lora``
+recovery with its defaults, and the cell shows the fine-tuned model with the training-free ratio next to it); each column an active fraction (25/50/75%), mapped to E/S/K as ``bench`` does
 (cmoe/slice: S2A2E16, S4A4E16, S6A6E16; moefication: S0A4E16, ...; finegrained: S4A8E48, S8A16E48, S12A24E48).
 A cell is ``ppl (ratio to dense)`` and, below it, the expert oracle (same experts, chosen per token by true output
 norm) and the neuron oracle (same number of neurons chosen one by one). Results are appended to
@@ -24,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from gguf_moeify.bench import map_fraction  # noqa: E402
 from gguf_moeify.eval_cmd import evaluate_model  # noqa: E402
+from gguf_moeify.finetune import LoRAOptions  # noqa: E402
 from gguf_moeify.methods import MethodOptions  # noqa: E402
 
 DEFAULT_ROWS = ("slice,cmoe,moefication:param:similarity,moefication:param:mlp,moefication:coact:similarity,"
@@ -31,10 +33,11 @@ DEFAULT_ROWS = ("slice,cmoe,moefication:param:similarity,moefication:param:mlp,m
 
 
 def row_options(row: str, fraction: float, args) -> tuple[str, MethodOptions]:
-    parts = row.split(":")
+    parts = row.split("+")[0].split(":")
     name = parts[0]
     method = "mlpmoe" if name == "slice" else name
-    e, s, k = map_fraction(method, fraction, None)
+    # slice:METHOD takes METHOD's SxAyEz (e.g. slice:moefication: no shared slice), plain slice CMoE's
+    e, s, k = map_fraction(parts[1] if name == "slice" and len(parts) > 1 else method, fraction, None)
     extra = {}
     if name == "moefication":
         extra = {"split": parts[1], "router": parts[2]}
@@ -73,18 +76,24 @@ def main() -> int:
     for row in rows:
         for f in fractions:
             method, opts = row_options(row, f, args)
-            key = json.dumps({"row": row, "f": f, "model": args.model, "text": args.text, "chunks": args.chunks,
-                              "ctx": args.ctx, "opts": opts.__dict__}, sort_keys=True, default=str)
+            lora = LoRAOptions(seed=args.seed) if row.endswith("+lora") else None
+            key = {"row": row, "f": f, "model": args.model, "text": args.text, "chunks": args.chunks,
+                   "ctx": args.ctx, "opts": opts.__dict__}
+            if lora is not None:
+                key["lora"] = lora.__dict__
+            key = json.dumps(key, sort_keys=True, default=str)
             if key in done or args.report:
                 continue
             t0 = time.time()
-            res = evaluate_model(args.model, args.text, method, opts, ctx=args.ctx, chunks=args.chunks, oracle=True)
+            res = evaluate_model(args.model, args.text, method, opts, ctx=args.ctx, chunks=args.chunks, oracle=True,
+                                 finetune=lora)
             rec = {"key": key, "row": row, "f": f, "seconds": round(time.time() - t0, 1),
                    "sae": f"S{opts.shared}A{opts.top_k}E{opts.experts}", **res}
             with log.open("a") as fh:
                 fh.write(json.dumps(rec, sort_keys=True, default=str) + "\n")
             done[key] = rec
-            print(f"{row} {f:.0%}: ppl {res['moe']['ppl']:.2f} ({res['ratio']:.2f}x)  expert oracle "
+            tuned = f"  after LoRA {res['finetuned_ratio']:.2f}x" if lora is not None else ""
+            print(f"{row} {f:.0%}: ppl {res['moe']['ppl']:.2f} ({res['ratio']:.2f}x){tuned}  expert oracle "
                   f"{res['oracle_ratio']:.2f}x  neuron oracle {res['neuron_oracle_ratio']:.2f}x  "
                   f"[{rec['seconds']:.0f} s]", flush=True)
     table = markdown([r for r in done.values() if r["row"] in rows], rows, fractions)
@@ -103,9 +112,15 @@ def markdown(recs: list[dict], rows: list[str], fractions: list[float]) -> str:
         cells = []
         for f in fractions:
             r = by.get((row, f))
-            cells.append("" if r is None else
-                         f"{r['moe']['ppl']:.1f} ({r['ratio']:.2f}x) [{r['sae']}] / {r['oracle_ratio']:.2f}x / "
-                         f"{r['neuron_oracle_ratio']:.2f}x")
+            if r is None:
+                cells.append("")
+            elif "finetuned" in r:  # a +lora row: the fine-tuned model, the training-free figure in brackets
+                cells.append(f"{r['finetuned']['ppl']:.1f} ({r['finetuned_ratio']:.2f}x; before LoRA "
+                             f"{r['ratio']:.2f}x) [{r['sae']}] / {r['oracle_ratio']:.2f}x / "
+                             f"{r['neuron_oracle_ratio']:.2f}x")
+            else:
+                cells.append(f"{r['moe']['ppl']:.1f} ({r['ratio']:.2f}x) [{r['sae']}] / {r['oracle_ratio']:.2f}x / "
+                             f"{r['neuron_oracle_ratio']:.2f}x")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
