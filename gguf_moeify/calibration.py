@@ -192,6 +192,9 @@ def calibrated_plans(ckpt, adapter, method, opts, progress: bool = True, capture
         gate, up, down = (layer.get_submodule(a).weight for a in (adapter.mlp_gate, adapter.mlp_up, adapter.mlp_down))
         stats = LayerCalib(x=xs.reshape(-1, d).float(), seed=opts.seed + i)
         plan = method.plan_layer(i, gate, up, down, opts, stats)
+        if opts.runtime == "stock":  # the next layer calibrates on what stock llama.cpp will compute
+            from .stock import stock_target, stockify
+            plan = stockify(plan, stock_target(adapter.name, plan.shared_width > 0), stats.x)
         plans.append(plan)
         moe = MoEMLP(plan, gate, up, down)
         if opts.layer_budget == "sensitivity":

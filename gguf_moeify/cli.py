@@ -65,6 +65,11 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layer-budget", default="uniform", choices=("uniform", "sensitivity"),
                    help="data-driven methods: same top-k in every layer, or per-layer top-k spread by measured "
                         "sensitivity with the same average (needs the patched runtime; default: %(default)s)")
+    g.add_argument("--runtime", default="patched", choices=("patched", "stock"),
+                   help="patched: the plan exactly, for llama.cpp built with patches/ (unit gates, any router, "
+                        "per-layer budgets); stock: a file unmodified llama.cpp runs (deepseek / llama-Mixtral / "
+                        "qwen3moe layout, softmax gating with unit weights folded in, linear router fitted to "
+                        "non-linear ones; see README) (default: %(default)s)")
     c = p.add_argument_group("calibration (cmoe, moefication, finegrained)")
     c.add_argument("--calib", default=None, metavar="FILE|DIR|wikitext2",
                    help="calibration text: a UTF-8 file, a folder of .txt files, or wikitext2 (WikiText-2 train via "
@@ -124,7 +129,7 @@ def _opts(args) -> MethodOptions:
                         "data")
     return MethodOptions(experts=experts, shared=shared, top_k=top_k, variant=args.variant, keep=args.keep,
                          calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
-                         seed=args.seed, layer_budget=args.layer_budget, extra=extra)
+                         seed=args.seed, layer_budget=args.layer_budget, runtime=args.runtime, extra=extra)
 
 
 def _lora(args):

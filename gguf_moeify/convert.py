@@ -25,13 +25,20 @@ def make_plans(ckpt: Checkpoint, adapter: Adapter, method_name: str, opts: Metho
     method = get_method(method_name)
     opts = resolve_options(method_name, opts, ckpt.d_ff)
     method.validate(opts, ckpt.d_ff)
+    if opts.runtime == "stock":
+        from .stock import check_stock_options
+        check_stock_options(opts, ckpt.config, adapter.name)
     if getattr(method, "needs_calibration", False):
         from .calibration import calibrated_plans
         return calibrated_plans(ckpt, adapter, method, opts, progress)
     plans = []
     for i in tqdm(range(ckpt.n_layers), desc=f"planning {method_name}", unit="layer", disable=not progress):
         gate, up, down = (ckpt.get(n) for n in adapter.mlp_names(i))
-        plans.append(method.plan_layer(i, gate, up, down, opts))
+        plan = method.plan_layer(i, gate, up, down, opts)
+        if opts.runtime == "stock":
+            from .stock import stock_target, stockify
+            plan = stockify(plan, stock_target(adapter.name, plan.shared_width > 0), None)
+        plans.append(plan)
         del gate, up, down
     return plans
 

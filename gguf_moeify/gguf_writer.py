@@ -221,30 +221,47 @@ def write_gguf(out_tmp: Path, ckpt: Checkpoint, adapter: Adapter, plans: list[Mo
     (``expert_tensor_name``, expert layout), e.g. the merged weights of a fine-tuned model."""
     import gguf
     check_plans_uniform(plans)
+    p0 = plans[0]
+    stock = p0.gating == "softmax"
+    if stock:  # --runtime stock: an architecture unmodified llama.cpp runs (see stock.py)
+        from .stock import stock_target
+        arch = stock_target(adapter.name, p0.shared_width > 0).arch
+    else:
+        arch = adapter.gguf_arch
     conv_arch, conv_keys = converter_keys(ckpt.path)
-    arch = adapter.gguf_arch
     writer = gguf.GGUFWriter(str(out_tmp), arch)
     skip = {"general.architecture", "general.file_type", "general.quantization_version"}
+    if stock and arch == "llama":
+        skip.add("llama.feed_forward_length")   # the Mixtral convention: it is the expert width (below)
     for key, value, types in conv_keys:
-        if key in skip:
-            continue
         if key.startswith(conv_arch + "."):
             key = arch + key[len(conv_arch):]
         elif not key.startswith(("general.", "tokenizer.")):
             continue
+        if key in skip:
+            continue
         _copy_key(writer, key, value, types)
-    p0 = plans[0]
     writer.add_expert_count(p0.n_experts)
     used = [p.top_k for p in plans]
     if len(set(used)) == 1:
         writer.add_expert_used_count(p0.top_k)
     else:  # per-layer budgets: llama.cpp reads the key as a scalar or an array (graph use: patch 0005)
         writer.add_array(f"{arch}.expert_used_count", used)
-    writer.add_expert_feed_forward_length(p0.expert_width)
-    writer.add_expert_shared_feed_forward_length(p0.shared_width)
-    writer.add_uint32(f"{arch}.expert_shared_count", 1 if p0.shared_width else 0)
-    writer.add_uint32(f"{arch}.expert_router_type", ROUTER_TYPE_IDS[p0.router.kind])
-    writer.add_bool(f"{arch}.expert_weights_unit", True)
+    if not stock:
+        writer.add_expert_feed_forward_length(p0.expert_width)
+        writer.add_expert_shared_feed_forward_length(p0.shared_width)
+        writer.add_uint32(f"{arch}.expert_shared_count", 1 if p0.shared_width else 0)
+        writer.add_uint32(f"{arch}.expert_router_type", ROUTER_TYPE_IDS[p0.router.kind])
+        writer.add_bool(f"{arch}.expert_weights_unit", True)
+    elif arch == "llama":
+        writer.add_feed_forward_length(p0.expert_width)
+    else:
+        writer.add_expert_feed_forward_length(p0.expert_width)
+        if arch == "deepseek":  # the shared expert is n_expert_shared experts wide
+            if p0.shared_width % p0.expert_width:
+                raise ValueError("deepseek needs a shared expert width that is a multiple of the expert width")
+            writer.add_expert_shared_count(p0.shared_width // p0.expert_width)
+            writer.add_leading_dense_block_count(0)
     writer.add_file_type(file_type(outtype))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_string("gguf_moeify.provenance", json.dumps(provenance, sort_keys=True))

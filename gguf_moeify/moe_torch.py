@@ -57,11 +57,23 @@ class MoEMLP(nn.Module):
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
         """(T, top_k) indices of the chosen experts for each row of x."""
+        return self.select_weighted(x)[0]
+
+    def select_weighted(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(chosen expert indices (T, top_k), their weights (T, top_k), or None for unit weights)."""
         if self.oracle:
             scores = torch.stack([self._expert(e, x).norm(dim=-1) for e in range(self.gate_exps.shape[0])], -1)
-            return torch.topk(scores, self.top_k, dim=-1).indices
+            return torch.topk(scores, self.top_k, dim=-1).indices, None
         scores = router_scores(self.router_kind, self.router, x, self.act)
-        return torch.topk(scores, self.top_k, dim=-1).indices
+        if self.plan.gating == "unit":
+            return torch.topk(scores, self.top_k, dim=-1).indices, None
+        # stock llama.cpp: the top-k of the float32 softmax over all experts, weighted by it (renormalised)
+        probs = torch.softmax(scores.float(), dim=-1)
+        chosen = torch.topk(probs, self.top_k, dim=-1).indices
+        w = probs.gather(1, chosen)
+        if self.plan.norm_weights:
+            w = w / w.sum(-1, keepdim=True).clamp(min=6.103515625e-5)
+        return chosen, w.to(x.dtype)
 
     def _neuron_oracle(self, x: torch.Tensor) -> torch.Tensor:
         d = x.shape[-1]
@@ -84,16 +96,19 @@ class MoEMLP(nn.Module):
         w = {n: self.weight(n) for n in ("gate_exps", "up_exps", "down_exps")}
         out = torch.zeros_like(x)
         n_exp = self.gate_exps.shape[0]
-        if self.top_k == n_exp:
+        if self.top_k == n_exp and self.plan.gating == "unit":
             for e in range(n_exp):
                 out += self._expert(e, x, w)
         else:
-            chosen = torch.zeros(x.shape[0], n_exp, dtype=torch.bool, device=x.device)
-            chosen.scatter_(1, self.select(x), True)
+            idx, weights = self.select_weighted(x)
+            gates = torch.zeros(x.shape[0], n_exp, dtype=x.dtype, device=x.device)
+            gates.scatter_(1, idx, 1.0 if weights is None else weights)
+            chosen = torch.zeros(x.shape[0], n_exp, dtype=torch.bool, device=x.device).scatter_(1, idx, True)
             for e in range(n_exp):
                 rows = chosen[:, e].nonzero().squeeze(-1)
                 if rows.numel():
-                    out.index_add_(0, rows, self._expert(e, x[rows], w))
+                    y = self._expert(e, x[rows], w)
+                    out.index_add_(0, rows, y if weights is None else y * gates[rows, e].unsqueeze(-1))
         if self.has_shared:
             gate, up, down = (self.weight(n) for n in ("gate_shexp", "up_shexp", "down_shexp"))
             out += (self.act(x @ gate.t()) * (x @ up.t())) @ down.t()

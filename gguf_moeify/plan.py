@@ -41,12 +41,20 @@ class MoEPlan:
     shared: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))   # (Fs,) indices
     neuron_scale: np.ndarray | None = None   # (d_ff,) multiplier on W_down columns, or None
     info: dict = field(default_factory=dict)  # method-specific figures for reports/metadata (JSON-able)
+    # How chosen experts are weighted. "unit": weight 1 (the patched runtime). "softmax": stock llama.cpp's gating,
+    # softmax of the router scores over all experts, the chosen ones renormalised to sum 1 when norm_weights, and
+    # every routed expert's down projection multiplied by expert_scale (folded into the weights; see stock.py)
+    gating: str = "unit"
+    norm_weights: bool = False
+    expert_scale: float = 1.0
 
     def __post_init__(self):
         self.experts = np.asarray(self.experts, dtype=np.int64)
         self.shared = np.asarray(self.shared, dtype=np.int64)
         if self.experts.ndim != 2 or self.experts.shape[1] == 0:
             raise ValueError("experts must be a non-empty (E, width) index array")
+        if self.gating not in ("unit", "softmax"):
+            raise ValueError(f"unknown gating {self.gating}")
         if not 1 <= self.top_k <= self.n_experts:
             raise ValueError(f"top_k={self.top_k} must be in 1..{self.n_experts}")
         used = np.concatenate([self.shared, self.experts[self.experts >= 0]])
@@ -70,9 +78,11 @@ class MoEPlan:
         return (self.shared_width + self.top_k * self.expert_width) / self.d_ff
 
     def summary(self) -> dict:
+        gating = {} if self.gating == "unit" else {"gating": self.gating, "norm_weights": self.norm_weights,
+                                                  "expert_scale": self.expert_scale}
         return {"experts": self.n_experts, "expert_width": self.expert_width, "top_k": self.top_k,
                 "shared_width": self.shared_width, "router": self.router.kind,
-                "active_fraction": round(self.active_fraction(), 6), **self.info}
+                "active_fraction": round(self.active_fraction(), 6), **gating, **self.info}
 
 
 def _take_rows(w: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
@@ -84,14 +94,16 @@ def _take_rows(w: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
 
 def expert_tensors(plan: MoEPlan, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
     """Dense MLP weights (gate/up: (d_ff, d), down: (d, d_ff)) -> the plan's expert weights in llama.cpp's layout:
-    gate_exps/up_exps (E, F, d), down_exps (E, d, F), and gate_shexp/up_shexp (Fs, d), down_shexp (d, Fs)."""
+    gate_exps/up_exps (E, F, d), down_exps (E, d, F), and gate_shexp/up_shexp (Fs, d), down_shexp (d, Fs).
+    The plan's ``expert_scale`` is folded into the routed experts' down projections."""
     down_t = down.t()  # (d_ff, d): one row per neuron
     if plan.neuron_scale is not None:
         down_t = down_t * torch.as_tensor(plan.neuron_scale, dtype=down.dtype).unsqueeze(-1)
+    down_exps = _take_rows(down_t, plan.experts).transpose(1, 2)
     out = {
         "gate_exps": _take_rows(gate, plan.experts),
         "up_exps": _take_rows(up, plan.experts),
-        "down_exps": _take_rows(down_t, plan.experts).transpose(1, 2),
+        "down_exps": down_exps if plan.expert_scale == 1.0 else down_exps * plan.expert_scale,
     }
     if plan.shared_width:
         out["gate_shexp"] = gate[torch.as_tensor(plan.shared)]

@@ -86,12 +86,29 @@ def tiny_models(smollm2_dir, spm_tokenizer_dir, tmp_path_factory) -> dict[str, P
     return {arch: make_tiny_model(arch, root / arch, tok[arch], seed=i) for i, arch in enumerate(ARCHS)}
 
 
-@pytest.fixture(scope="module")
-def tools():
-    """The patched llama.cpp build; tests that need it skip with the build command when it is missing."""
+def llama_cpp_or_skip(variant: str):
+    """A llama.cpp build (patched or stock); tests that need it skip with the build command when it is missing."""
     from gguf_moeify.errors import UserError
     from gguf_moeify.llama_cpp import find_llama_cpp
     try:
-        return find_llama_cpp("patched")
+        return find_llama_cpp(variant)
     except UserError as exc:
         pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def tools():
+    return llama_cpp_or_skip("patched")
+
+
+@pytest.fixture(scope="module")
+def stock_tools():
+    return llama_cpp_or_skip("stock")
+
+
+@pytest.fixture(scope="module")
+def eval_excerpt(tmp_path_factory) -> Path:
+    """The first 12,000 characters of the evaluation novel (4 windows of 128 tokens and more)."""
+    p = tmp_path_factory.mktemp("text") / "eval.txt"
+    p.write_text(eval_text_path().read_text(encoding="utf-8")[:12_000], encoding="utf-8")
+    return p

@@ -39,10 +39,8 @@ F32_KV = ["-fa", "off", "-ctk", "f32", "-ctv", "f32"]
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("text") / "eval.txt"
-    p.write_text(eval_text_path().read_text(encoding="utf-8")[:12_000], encoding="utf-8")
-    return p
+def text_file(eval_excerpt):
+    return eval_excerpt
 
 
 def _dense_reference_gguf(model_dir, out):

@@ -22,27 +22,22 @@ import pytest
 gguf = pytest.importorskip("gguf")
 
 from gguf_moeify.errors import UserError  # noqa: E402
-from gguf_moeify.llama_cpp import find_llama_cpp, relative_difference  # noqa: E402
+from gguf_moeify.llama_cpp import relative_difference  # noqa: E402
+
+from conftest import llama_cpp_or_skip  # noqa: E402
 
 CTX = 64
 CHUNKS = 8
 
 
-def _tools(variant: str):
-    try:
-        return find_llama_cpp(variant)
-    except UserError as e:
-        pytest.skip(str(e))
-
-
 @pytest.fixture(scope="module")
 def patched():
-    return _tools("patched")
+    return llama_cpp_or_skip("patched")
 
 
 @pytest.fixture(scope="module")
 def stock():
-    return _tools("stock")
+    return llama_cpp_or_skip("stock")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ class MethodOptions:
     calib_seqlen: int = 2048    # tokens per window (capped at the model's context)
     seed: int = 0               # calibration windows, k-means initialisation, router training
     layer_budget: str = "uniform"   # "sensitivity": per-layer top-k from measured error curves (same average)
+    runtime: str = "patched"        # "stock": plans expressed for unmodified llama.cpp (stock.py)
     extra: dict = field(default_factory=dict)   # method-specific: cmoe "ka"; moefication "split", "router"
 
     @property

@@ -153,12 +153,8 @@ def log_norm_targets(norms: torch.Tensor) -> torch.Tensor:
 
 def fit_linear_router(x: torch.Tensor, norms: torch.Tensor) -> np.ndarray:
     """Ridge least squares x W ≈ log_norm_targets (no bias: the runtime's linear router has none)."""
-    y = log_norm_targets(norms)
-    xd = x.double()
-    gram = xd.t() @ xd
-    ridge = 1e-3 * gram.diagonal().mean()
-    w = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], dtype=torch.float64), xd.t() @ y)
-    return w.t().float().numpy()
+    from ..linalg import ridge_least_squares
+    return ridge_least_squares(x, log_norm_targets(norms))
 
 
 def plan_layer(layer: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
