@@ -32,6 +32,8 @@ def evaluate_model(model: str, text_file: str, method: str, opts: MethodOptions,
     active = sum(p.active_fraction() for p in plans) / len(plans)
     res = {"dense": dense.as_dict(), "moe": moe.as_dict(), "ratio": moe.ppl / dense.ppl,
            "active_fraction": active, "method": method, "plan": plans[0].summary()}
+    if opts.runtime == "stock":  # how often stock's choice is the original router's (held-out calibration tokens)
+        res["stock_router_agreement"] = sum(p.info["stock_router_agreement"] for p in plans) / len(plans)
     if finetune is not None:
         from .finetune import finetune_lora
         res["finetune"] = finetune_lora(hf, ckpt, adapter, opts.calib, finetune)

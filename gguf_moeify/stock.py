@@ -4,10 +4,13 @@ Mapping (the stock architecture that expresses the plan best):
 
 | source | plan | stock architecture | gating in stock llama.cpp |
 |---|---|---|---|
-| llama/mistral/SmolLM, qwen2 | shared expert | ``deepseek`` (Llama attention; deepseek's loader also takes Qwen2's optional q/k/v biases; shared expert always on with weight 1) | softmax over all E, not renormalised |
-| llama/mistral/SmolLM, qwen2 | no shared expert | ``llama`` (the Mixtral path) | softmax over all E, chosen renormalised to 1 |
+| llama/mistral/SmolLM, qwen2 | shared expert | ``deepseek`` (1) | softmax over all E, not renormalised |
+| llama/mistral/SmolLM, qwen2 | no shared expert | ``llama`` (the Mixtral path) | softmax, chosen renormalised to 1 |
 | qwen3 | no shared expert | ``qwen3moe`` | softmax over all E, chosen renormalised to 1 |
 | qwen3 | shared expert | none: stock qwen3moe has no shared expert (use ``-S 0`` or the patched runtime) | |
+
+(1) Llama attention with normal rope (Q/K permuted as for llama); deepseek's loader also takes Qwen2's optional
+q/k/v biases; its shared expert is always on with weight 1 and n_expert_shared experts wide.
 
 Unit gates through softmax gating: the router's logits are scaled by a small epsilon, so the softmax weights are
 nearly equal (1/k for the chosen renormalised ones, 1/E without renormalisation), and the reciprocal (k or E) is

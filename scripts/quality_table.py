@@ -4,8 +4,10 @@
         [--calib-samples 8 --calib-seqlen 512] [--rows cmoe,moefication:param:similarity,...] [--out DIR]
 
 Each row is a method (``moefication:SPLIT:ROUTER``, ``finegrained:ROUTER``, ``slice`` for MLPMoE slicing with the
-data-free slice router, ``slice:METHOD`` with METHOD's E/S/K; a ``+lora`` suffix adds the ``--finetune lora``
-recovery with its defaults, and the cell shows the fine-tuned model with the training-free ratio next to it); each column an active fraction (25/50/75%), mapped to E/S/K as ``bench`` does
+data-free slice router, ``slice:METHOD`` with METHOD's E/S/K). Suffixes: ``@stock`` writes the plan for stock
+llama.cpp (``--runtime stock``; the cell adds how often its router agrees with the original); ``+lora`` adds the
+``--finetune lora`` recovery with its defaults (the cell shows the fine-tuned model, the training-free ratio next to
+it). Each column is an active fraction (25/50/75%), mapped to E/S/K as ``bench`` does
 (cmoe/slice: S2A2E16, S4A4E16, S6A6E16; moefication: S0A4E16, ...; finegrained: S4A8E48, S8A16E48, S12A24E48).
 A cell is ``ppl (ratio to dense)`` and, below it, the expert oracle (same experts, chosen per token by true output
 norm) and the neuron oracle (same number of neurons chosen one by one). Results are appended to
@@ -33,7 +35,8 @@ DEFAULT_ROWS = ("slice,cmoe,moefication:param:similarity,moefication:param:mlp,m
 
 
 def row_options(row: str, fraction: float, args) -> tuple[str, MethodOptions]:
-    parts = row.split("+")[0].split(":")
+    runtime = "stock" if "@stock" in row else "patched"
+    parts = row.split("+")[0].split("@")[0].split(":")
     name = parts[0]
     method = "mlpmoe" if name == "slice" else name
     # slice:METHOD takes METHOD's SxAyEz (e.g. slice:moefication: no shared slice), plain slice CMoE's
@@ -44,8 +47,11 @@ def row_options(row: str, fraction: float, args) -> tuple[str, MethodOptions]:
     elif name == "finegrained":
         extra = {"stat": "weighted", "router": parts[1] if len(parts) > 1 else "linear"}
     calib = None if method == "mlpmoe" else args.calib
-    return method, MethodOptions(experts=e, shared=s, top_k=k, calib=calib, calib_samples=args.calib_samples,
-                                 calib_seqlen=args.calib_seqlen, seed=args.seed, extra=extra)
+    opts = MethodOptions(experts=e, shared=s, top_k=k, calib=calib, calib_samples=args.calib_samples,
+                         calib_seqlen=args.calib_seqlen, seed=args.seed, extra=extra)
+    if runtime == "stock":  # key the cache as before for patched rows
+        opts.runtime = "stock"
+    return method, opts
 
 
 def main() -> int:
@@ -78,7 +84,8 @@ def main() -> int:
             method, opts = row_options(row, f, args)
             lora = LoRAOptions(seed=args.seed) if row.endswith("+lora") else None
             key = {"row": row, "f": f, "model": args.model, "text": args.text, "chunks": args.chunks,
-                   "ctx": args.ctx, "opts": opts.__dict__}
+                   "ctx": args.ctx, "opts": {k: v for k, v in opts.__dict__.items()
+                                             if k != "runtime" or v != "patched"}}
             if lora is not None:
                 key["lora"] = lora.__dict__
             key = json.dumps(key, sort_keys=True, default=str)
@@ -119,8 +126,9 @@ def markdown(recs: list[dict], rows: list[str], fractions: list[float]) -> str:
                              f"{r['ratio']:.2f}x) [{r['sae']}] / {r['oracle_ratio']:.2f}x / "
                              f"{r['neuron_oracle_ratio']:.2f}x")
             else:
-                cells.append(f"{r['moe']['ppl']:.1f} ({r['ratio']:.2f}x) [{r['sae']}] / {r['oracle_ratio']:.2f}x / "
-                             f"{r['neuron_oracle_ratio']:.2f}x")
+                agree = f" {r['stock_router_agreement']:.0%} agree" if "stock_router_agreement" in r else ""
+                cells.append(f"{r['moe']['ppl']:.1f} ({r['ratio']:.2f}x){agree} [{r['sae']}] / "
+                             f"{r['oracle_ratio']:.2f}x / {r['neuron_oracle_ratio']:.2f}x")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
