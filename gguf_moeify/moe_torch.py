@@ -61,9 +61,11 @@ class MoEMLP(nn.Module):
 
     def select_weighted(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(chosen expert indices (T, top_k), their weights (T, top_k), or None for unit weights)."""
-        if self.oracle:
+        if self.oracle:  # unit weights (a stock plan's folded expert scale undone)
             scores = torch.stack([self._expert(e, x).norm(dim=-1) for e in range(self.gate_exps.shape[0])], -1)
-            return torch.topk(scores, self.top_k, dim=-1).indices, None
+            chosen = torch.topk(scores, self.top_k, dim=-1).indices
+            unfold = 1.0 / self.plan.expert_scale
+            return chosen, None if unfold == 1.0 else torch.full(chosen.shape, unfold, dtype=x.dtype)
         scores = router_scores(self.router_kind, self.router, x, self.act)
         if self.plan.gating == "unit":
             return torch.topk(scores, self.top_k, dim=-1).indices, None
@@ -78,7 +80,7 @@ class MoEMLP(nn.Module):
     def _neuron_oracle(self, x: torch.Tensor) -> torch.Tensor:
         d = x.shape[-1]
         gate, up = self.gate_exps.reshape(-1, d), self.up_exps.reshape(-1, d)
-        down = self.down_exps.transpose(1, 2).reshape(-1, d)            # one row per neuron
+        down = self.down_exps.transpose(1, 2).reshape(-1, d) / self.plan.expert_scale   # one row per neuron
         if self.has_shared:
             gate, up = torch.cat([self.gate_shexp, gate]), torch.cat([self.up_shexp, up])
             down = torch.cat([self.down_shexp.t(), down])

@@ -85,6 +85,12 @@ def test_stock_form_is_the_unit_gate_plan_within_its_bound(tiny_models, tmp_path
         assert p.info["stock_router_agreement"] > 0.99
         assert p.expert_scale == (3 if target.norm_weights else p.n_experts)
         assert p.info["stock_weight_error_bound"] == pytest.approx(math.expm1(DELTA))
+    # the oracles ignore the gating: a stock plan's ceilings are its unit-gate plan's
+    from gguf_moeify.moe_torch import MoEMLP
+    mlp = [ckpt.get(n) for n in adapter.mlp_names(0)]
+    for mode in ("expert", "neuron"):
+        a, b = (MoEMLP(p, *mlp, oracle=mode)(x[:256]) for p in (unit[0], stocked[0]))
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), mode
     tokens = torch.randint(0, ckpt.config["vocab_size"], (CTX * CHUNKS,), generator=torch.Generator().manual_seed(0))
     a = _torch_ppl(ckpt, adapter, unit, tokens.tolist())
     b = _torch_ppl(ckpt, adapter, stocked, tokens.tolist())
