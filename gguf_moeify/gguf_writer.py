@@ -26,7 +26,7 @@ from .adapters import Adapter
 from .checkpoint import Checkpoint
 from .errors import UserError
 from .plan import ROUTER_TYPE_IDS, MoEPlan, expert_tensors
-from .rope_layout import permute_qk
+from .rope_layout import llama3_rope_factors, permute_qk
 from .vocab import converter_keys
 
 FLOAT_OUTTYPES = ("f32", "f16", "bf16")
@@ -123,6 +123,9 @@ class TensorPlanner:
         head_type = self.T.Q8_0 if self.base == self.T.Q4_0 else self.base
         out.append(Entry("token_embd.weight", emb, self._type_for("token_embd.weight", emb,
                          head_type if self.tied else None), self._hf("model.embed_tokens.weight")))
+        rope_freqs = llama3_rope_factors(ck.config)
+        if rope_freqs is not None:   # Llama 3.x rope scaling, as llama.cpp's converter writes it
+            out.append(Entry("rope_freqs.weight", rope_freqs.shape, self.T.F32, lambda: rope_freqs))
         for i, plan in enumerate(self.plans):
             prefix = ad.layer_prefix.format(i=i)
             for hf_mod, gg in ad.layer_tensors.items():

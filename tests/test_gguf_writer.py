@@ -101,13 +101,26 @@ def test_expert_tensors_hold_the_dense_neurons(tiny_models, tmp_path):
 def test_non_mlp_tensors_match_llama_cpp_converter(tiny_models, tmp_path, arch):
     """Attention, norms and embeddings are laid out exactly as llama.cpp's converter lays out the dense model
     (for qwen2 we write the llama architecture, so Q/K are compared after the llama rope permutation)."""
+    _compare_non_mlp_with_converter(tiny_models[arch], tmp_path, arch)
+
+
+def test_llama3_rope_scaling_is_written_as_the_converter_does(smollm2_dir, tmp_path):
+    from conftest import make_tiny_model
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}   # short, so all three bands occur at head_dim 16
+    model = make_tiny_model("llama", tmp_path / "llama3", smollm2_dir, rope_scaling=scaling)
+    names = _compare_non_mlp_with_converter(model, tmp_path, "llama")
+    assert "rope_freqs.weight" in names
+
+
+def _compare_non_mlp_with_converter(model_dir, tmp_path, arch) -> list[str]:
     src = llama_cpp_source()
     ref = tmp_path / "dense.gguf"
     env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}
-    subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(tiny_models[arch]), "--outtype", "f32",
+    subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", "f32",
                     "--outfile", str(ref)], check=True, capture_output=True, env=env)
     out = tmp_path / "moe.gguf"
-    convert(str(tiny_models[arch]), out, "mlpmoe", MethodOptions(experts=2), "f32", progress=False)
+    convert(str(model_dir), out, "mlpmoe", MethodOptions(experts=2), "f32", progress=False)
     ours = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(out).tensors}
     theirs = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(ref).tensors}
     common = [n for n in theirs if not n.split(".")[-2].startswith("ffn_") or n.endswith("ffn_norm.weight")]
@@ -119,3 +132,4 @@ def test_non_mlp_tensors_match_llama_cpp_converter(tiny_models, tmp_path, arch):
             heads = 4 if "attn_q" in name else 2
             b = permute_qk(b, heads)
         assert a.shape == b.shape and np.array_equal(a, b), name
+    return common
