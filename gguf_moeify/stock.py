@@ -67,7 +67,7 @@ def check_stock_options(opts, config: dict, adapter_name: str) -> None:
     if opts.layer_budget != "uniform":
         raise UserError("--layer-budget sensitivity needs the patched runtime (stock llama.cpp uses one top-k for "
                         "every layer)")
-    scaling = config.get("rope_scaling") or {}
+    scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}   # transformers 4 / 5 names
     kind = scaling.get("rope_type") or scaling.get("type")
     if opts.shared and kind not in (None, "default", "linear"):
         raise UserError(f"--runtime stock: {kind} rope scaling is not supported by stock deepseek (the architecture "

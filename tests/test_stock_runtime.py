@@ -128,3 +128,18 @@ def test_stock_errors_are_one_line(tiny_models, tmp_path, capsys):
     assert not list(tmp_path.iterdir())
     with pytest.raises(UserError, match="qwen3moe has no shared expert"):
         stock_target("qwen3", True)
+
+
+def test_llama3_rope_scaling_needs_the_mixtral_path():
+    """Stock deepseek does not load rope_freqs: plans with a shared expert refuse llama3 scaling under either
+    transformers config name; without a shared expert (llama's Mixtral path, which loads it) it is accepted."""
+    from types import SimpleNamespace
+
+    from gguf_moeify.stock import check_stock_options
+    shared = SimpleNamespace(layer_budget="uniform", shared=2)
+    check_stock_options(shared, {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}, "llama")
+    for config in ({"rope_parameters": {"rope_type": "llama3"}}, {"rope_scaling": {"rope_type": "llama3"}}):
+        with pytest.raises(UserError, match="llama3 rope scaling"):
+            check_stock_options(shared, config, "llama")
+    check_stock_options(SimpleNamespace(layer_budget="uniform", shared=0), {"rope_scaling": {"rope_type": "llama3"}},
+                        "llama")
