@@ -35,13 +35,18 @@ class LayerCalib:
     seed: int = 0
 
 
+def check_text_source(source: str, flag: str) -> None:
+    """A text source (file, folder or wikitext2) that does not exist is one clear error, before any work."""
+    if source != WIKITEXT2 and not Path(source).expanduser().exists():
+        raise UserError(f"{flag} {source}: no such file or folder (give a text file, a folder of .txt files "
+                        f"or '{WIKITEXT2}')")
+
+
 def check_calib_options(opts, method: str) -> None:
     """Cheap checks before any work: calibration given, path exists, sizes sane."""
     if not opts.calib:
         raise UserError(f"{method} needs calibration text: give --calib FILE, a folder of .txt files, or {WIKITEXT2}")
-    if opts.calib != WIKITEXT2 and not Path(opts.calib).expanduser().exists():
-        raise UserError(f"--calib {opts.calib}: no such file or folder (give a text file, a folder of .txt files "
-                        f"or '{WIKITEXT2}')")
+    check_text_source(opts.calib, "--calib")
     if opts.calib_samples < 1:
         raise UserError(f"--calib-samples must be >= 1, got {opts.calib_samples}")
     if opts.calib_seqlen < 2:
@@ -193,8 +198,8 @@ def calibrated_plans(ckpt, adapter, method, opts, progress: bool = True, capture
         stats = LayerCalib(x=xs.reshape(-1, d).float(), seed=opts.seed + i)
         plan = method.plan_layer(i, gate, up, down, opts, stats)
         if opts.runtime == "stock":  # the next layer calibrates on what stock llama.cpp will compute
-            from .stock import stock_target, stockify
-            plan = stockify(plan, stock_target(adapter.name, plan.shared_width > 0), stats.x)
+            from .stock import stock_form
+            plan = stock_form(plan, adapter.name, stats.x)
         plans.append(plan)
         moe = MoEMLP(plan, gate, up, down)
         if opts.layer_budget == "sensitivity":

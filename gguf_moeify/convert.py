@@ -36,8 +36,8 @@ def make_plans(ckpt: Checkpoint, adapter: Adapter, method_name: str, opts: Metho
         gate, up, down = (ckpt.get(n) for n in adapter.mlp_names(i))
         plan = method.plan_layer(i, gate, up, down, opts)
         if opts.runtime == "stock":
-            from .stock import stock_target, stockify
-            plan = stockify(plan, stock_target(adapter.name, plan.shared_width > 0), None)
+            from .stock import stock_form
+            plan = stock_form(plan, adapter.name, None)
         plans.append(plan)
         del gate, up, down
     return plans

@@ -53,11 +53,8 @@ class LoRAOptions:
         if not self.alpha > 0:
             raise UserError(f"--finetune-alpha must be > 0, got {self.alpha}")
         if self.data is not None:
-            from .calibration import WIKITEXT2
-            from pathlib import Path
-            if self.data != WIKITEXT2 and not Path(self.data).expanduser().exists():
-                raise UserError(f"--finetune-data {self.data}: no such file or folder (give a text file, a folder of "
-                                f".txt files or '{WIKITEXT2}')")
+            from .calibration import check_text_source
+            check_text_source(self.data, "--finetune-data")
 
 
 class LowRankDelta(nn.Module):
