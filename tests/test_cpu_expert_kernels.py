@@ -1,0 +1,58 @@
+"""The CPU expert kernels of the patched llama.cpp (patches 0007/0008: MUL_MAT_ID on the kernels of a dense MUL_MAT)
+on quantized files, in prompt processing (llama-perplexity evaluates batches of tokens):
+
+- all experts active == the dense file, q4_0 (repacked to 8x8 interleaved blocks on AVX2/AVX-512: gemm over each
+  expert's gathered rows, gemv for the rows left over after groups of 4) and q8_0 (llamafile's sgemm over the
+  gathered rows) -- expert slices of a quantized row are the very blocks of the dense row, so only the order of the
+  down projection's float sums differs;
+- routed (top-2 of 4, uneven rows per expert): the repacked path equals the plain CPU path (``--no-repack``).
+Micro-batches of 50 tokens, so experts get row counts that are not multiples of 4.
+"""
+from __future__ import annotations
+
+import pytest
+
+from gguf_moeify.llama_cpp import relative_difference
+
+from test_llama_cpp_parity import CTX, CHUNKS, F32_KV, _dense_reference_gguf, _write
+from gguf_moeify.convert import make_plans
+from gguf_moeify.methods import MethodOptions
+
+UBATCH = 50  # 128-token windows as 50 + 50 + 28 rows: leftovers after groups of 4
+
+
+@pytest.fixture(scope="module")
+def text_file(eval_excerpt):
+    return eval_excerpt
+
+
+def _quantized(tools, f32_file, qtype, tmp_path):
+    return tools.quantize(f32_file, tmp_path / f"{f32_file.stem}.{qtype}.gguf", qtype.upper(), threads=2)
+
+
+def _ppl(tools, model, text_file, extra=()):
+    return tools.perplexity(model, text_file, ctx=CTX, chunks=CHUNKS, threads=2, batch=UBATCH,
+                            extra=list(F32_KV) + list(extra))
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0"])
+def test_quantized_all_experts_active_equals_dense(tools, tiny_models, text_file, tmp_path, qtype):
+    model = tiny_models["llama"]
+    dense = _quantized(tools, _dense_reference_gguf(model, tmp_path / "dense.gguf"), qtype, tmp_path)
+    opts = MethodOptions(experts=4, shared=0)
+    _write(model, lambda c, a: make_plans(c, a, "mlpmoe", opts, progress=False), tmp_path / "moe.gguf")
+    moe = _quantized(tools, tmp_path / "moe.gguf", qtype, tmp_path)
+    for extra in ([], ["--no-repack"]):
+        d, m = _ppl(tools, dense, text_file, extra), _ppl(tools, moe, text_file, extra)
+        assert m.n_chunks == d.n_chunks == CHUNKS
+        assert relative_difference(m.final_ppl, d.final_ppl) < 1e-4, (qtype, extra, m.final_ppl, d.final_ppl)
+
+
+def test_routed_repacked_equals_plain_cpu_path(tools, tiny_models, text_file, tmp_path):
+    model = tiny_models["llama"]
+    opts = MethodOptions(experts=4, shared=0, top_k=2)
+    _write(model, lambda c, a: make_plans(c, a, "mlpmoe", opts, progress=False), tmp_path / "moe.gguf")
+    moe = _quantized(tools, tmp_path / "moe.gguf", "q4_0", tmp_path)
+    repacked, plain = _ppl(tools, moe, text_file), _ppl(tools, moe, text_file, ["--no-repack"])
+    assert repacked.n_chunks == plain.n_chunks == CHUNKS
+    assert relative_difference(repacked.final_ppl, plain.final_ppl) < 1e-3, (repacked.final_ppl, plain.final_ppl)
