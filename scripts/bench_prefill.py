@@ -8,7 +8,7 @@ the table gives, per build and file, the median over the rounds of pp and tg tok
 MoE / dense. Several builds (``--build NAME=BIN_DIR``) are measured in the same rounds: the before/after table.
 
 Usage:
-  scripts/bench_prefill.py --build before=DIR --build after=build/llama-cpp/bin [--shape 1b] [-E 16]
+  scripts/bench_prefill.py --build before=DIR --build after=build/llama-cpp/bin [--shape 1b] [-E 16[,32,...]]
       [--active 0.125,0.25,0.5,1] [--types q4_0,q8_0] [-t 2] [-r 3] [-p 64] [-n 32] [-o out/bench-prefill]
 Writes OUT/results.json and OUT/results.md; the synthetic files are cached in OUT/models.
 """
@@ -41,15 +41,16 @@ def _builds(specs: list[str]) -> dict[str, LlamaCppTools]:
     return out
 
 
-def _configs(experts: int, actives: list[float], types: list[str]) -> list[Config]:
+def _configs(experts: list[int], actives: list[float], types: list[str]) -> list[Config]:
     out = []
     for t in types:
         out.append(Config("dense", 0, 0, 0, t))
-        for f in actives:
-            k = round(f * experts)
-            if not 1 <= k <= experts:
-                sys.exit(f"bench_prefill: active fraction {f} of {experts} experts is not 1..E experts")
-            out.append(Config("moe", experts, 0, k, t))
+        for e in experts:
+            for f in actives:
+                k = round(f * e)
+                if not 1 <= k <= e:
+                    sys.exit(f"bench_prefill: active fraction {f} of {e} experts is not 1..E experts")
+                out.append(Config("moe", e, 0, k, t))
     return out
 
 
@@ -58,7 +59,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--build", action="append", required=True,
                    help="NAME=BIN_DIR of a llama.cpp build with llama-bench (repeat to compare builds)")
     p.add_argument("--shape", default="1b", choices=sorted(SHAPES), help="synthetic shape (default: %(default)s)")
-    p.add_argument("--experts", "-E", type=int, default=16, help="experts per layer (default: %(default)s)")
+    p.add_argument("--experts", "-E", default="16",
+                   help="comma-separated experts per layer, e.g. 16,32,64,128 (default: %(default)s)")
     p.add_argument("--active", default="0.125,0.25,0.5,1",
                    help="comma-separated active fractions, top-k = fraction x E (default: %(default)s)")
     p.add_argument("--types", default="q4_0,q8_0", help="comma-separated weight types (default: %(default)s)")
@@ -71,7 +73,8 @@ def main(argv: list[str]) -> int:
     if a.rounds < 3:
         sys.exit("bench_prefill: --rounds must be >= 3 (the table gives medians)")
     builds = _builds(a.build)
-    configs = _configs(a.experts, [float(x) for x in a.active.split(",")], a.types.split(","))
+    experts = [int(x) for x in a.experts.split(",")]
+    configs = _configs(experts, [float(x) for x in a.active.split(",")], a.types.split(","))
     out = Path(a.out)
     (out / "models").mkdir(parents=True, exist_ok=True)
     shape = SHAPES[a.shape]
@@ -103,10 +106,11 @@ def main(argv: list[str]) -> int:
                 "tg_vs_dense": statistics.median(r["tg_ts"] / d["tg_ts"] for r, d in zip(rs, dense)),
                 "pp_rounds": [r["pp_ts"] for r in rs], "tg_rounds": [r["tg_ts"] for r in rs],
             })
-    meta = {"shape": shape.name, "experts": a.experts, "threads": a.threads, "rounds": a.rounds,
+    meta = {"shape": shape.name, "experts": experts, "threads": a.threads, "rounds": a.rounds,
             "n_prompt": a.n_prompt, "n_gen": a.n_gen, "builds": {k: str(v.bin_dir) for k, v in builds.items()}}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [f"SYNTHETIC {shape.name} (random weights), E = {a.experts} unit-weight experts, {a.threads} threads, "
+    lines = [f"SYNTHETIC {shape.name} (random weights), E = {a.experts} unit-weight experts of n_ff/E neurons, "
+             f"{a.threads} threads, "
              f"llama-bench pp{a.n_prompt} / tg{a.n_gen}, median of {a.rounds} rounds", "",
              "| build | type | model | pp t/s | pp vs dense | tg t/s | tg vs dense |", "|---|---|---|---|---|---|---|"]
     for r in rows:
