@@ -7,7 +7,8 @@ Each row is a method (``moefication:SPLIT:ROUTER``, ``finegrained:ROUTER``, ``sl
 data-free slice router, ``slice:METHOD`` with METHOD's E/S/K). Suffixes: ``@stock`` writes the plan for stock
 llama.cpp (``--runtime stock``; the cell adds how often its router agrees with the original); ``+lora`` adds the
 ``--finetune lora`` recovery with its defaults (the cell shows the fine-tuned model, the training-free ratio next to
-it). Each column is an active fraction (25/50/75%), mapped to E/S/K as ``bench`` does
+it); ``:E<n>`` sets E (e.g. ``finegrained:linear:E24``). Each column is an active fraction (25/50/75%), mapped to
+E/S/K as ``bench`` does
 (cmoe/slice: S2A2E16, S4A4E16, S6A6E16; moefication: S0A4E16, ...; finegrained: S4A8E48, S8A16E48, S12A24E48).
 A cell is ``ppl (ratio to dense)`` and, below it, the expert oracle (same experts, chosen per token by true output
 norm) and the neuron oracle (same number of neurons chosen one by one). Results are appended to
@@ -17,6 +18,7 @@ norm) and the neuron oracle (same number of neurons chosen one by one). Results 
 from __future__ import annotations
 
 import argparse
+import re
 import json
 import sys
 import time
@@ -39,8 +41,10 @@ def row_options(row: str, fraction: float, args) -> tuple[str, MethodOptions]:
     parts = row.split("+")[0].split("@")[0].split(":")
     name = parts[0]
     method = "mlpmoe" if name == "slice" else name
+    # a trailing ``:E<n>`` sets the number of experts (e.g. finegrained:linear:E24: 64-neuron experts on SmolLM2)
+    experts = int(parts.pop()[1:]) if len(parts) > 1 and re.fullmatch(r"[Ee]\d+", parts[-1]) else None
     # slice:METHOD takes METHOD's SxAyEz (e.g. slice:moefication: no shared slice), plain slice CMoE's
-    e, s, k = map_fraction(parts[1] if name == "slice" and len(parts) > 1 else method, fraction, None)
+    e, s, k = map_fraction(parts[1] if name == "slice" and len(parts) > 1 else method, fraction, experts)
     extra = {}
     if name == "moefication":
         extra = {"split": parts[1], "router": parts[2]}
