@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gguf_moeify.bench import Config, run_llama_bench, synthetic_file  # noqa: E402
+from gguf_moeify.bench import SYN_OUTTYPES as SYN_TYPES, Config, run_llama_bench, synthetic_file  # noqa: E402
+from gguf_moeify.errors import UserError  # noqa: E402
 from gguf_moeify.llama_cpp import LlamaCppTools  # noqa: E402
 from gguf_moeify.synthetic import SHAPES  # noqa: E402
 
@@ -73,11 +74,20 @@ def main(argv: list[str]) -> int:
     if a.rounds < 3:
         sys.exit("bench_prefill: --rounds must be >= 3 (the table gives medians)")
     builds = _builds(a.build)
-    experts = [int(x) for x in a.experts.split(",")]
-    configs = _configs(experts, [float(x) for x in a.active.split(",")], a.types.split(","))
+    try:
+        experts = [int(x) for x in a.experts.split(",")]
+        actives = [float(x) for x in a.active.split(",")]
+    except ValueError as e:
+        sys.exit(f"bench_prefill: --experts / --active: {e}")
+    types = a.types.split(",")
+    if bad := [t for t in types if t not in SYN_TYPES]:
+        sys.exit(f"bench_prefill: --types {','.join(bad)}: expected some of {', '.join(SYN_TYPES)}")
+    shape = SHAPES[a.shape]
+    if bad := [e for e in experts if e < 1 or shape.n_ff % e]:
+        sys.exit(f"bench_prefill: --experts {bad[0]}: must divide n_ff = {shape.n_ff}")
+    configs = _configs(experts, actives, types)
     out = Path(a.out)
     (out / "models").mkdir(parents=True, exist_ok=True)
-    shape = SHAPES[a.shape]
     files = {}
     for c in configs:
         files[(c.slug, c.outtype)], cached = synthetic_file(shape, c, out / "models", seed=0)
@@ -122,4 +132,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except UserError as e:
+        sys.exit(f"bench_prefill: {e}")
