@@ -5,6 +5,7 @@ on quantized files, in prompt processing (llama-perplexity evaluates batches of 
   expert's gathered rows, gemv for the rows left over after groups of 4) and q8_0 (llamafile's sgemm over the
   gathered rows) -- expert slices of a quantized row are the very blocks of the dense row, so only the order of the
   down projection's float sums differs;
+- the same for q4_K (repacked to 8x8 blocks with q8_K activations on AVX2), on a model with 256-wide rows;
 - routed (top-2 of 4, uneven rows per expert): the repacked path equals the plain CPU path (``--no-repack``).
 Micro-batches of 50 tokens, so experts get row counts that are not multiples of 4.
 """
@@ -12,11 +13,12 @@ from __future__ import annotations
 
 import pytest
 
-from gguf_moeify.llama_cpp import relative_difference
-
-from test_llama_cpp_parity import CTX, CHUNKS, F32_KV, _dense_reference_gguf, _write
 from gguf_moeify.convert import make_plans
+from gguf_moeify.llama_cpp import relative_difference
 from gguf_moeify.methods import MethodOptions
+
+from conftest import make_tiny_model
+from test_llama_cpp_parity import CTX, CHUNKS, F32_KV, _dense_reference_gguf, _write
 
 UBATCH = 50  # 128-token windows as 50 + 50 + 28 rows: leftovers after groups of 4
 
@@ -27,7 +29,9 @@ def text_file(eval_excerpt):
 
 
 def _quantized(tools, f32_file, qtype, tmp_path):
-    return tools.quantize(f32_file, tmp_path / f"{f32_file.stem}.{qtype}.gguf", qtype.upper(), threads=2)
+    # --pure: every weight in qtype (no k-quant mixture that could treat the dense and the expert tensors apart)
+    return tools.quantize(f32_file, tmp_path / f"{f32_file.stem}.{qtype}.gguf", qtype.upper(), threads=2,
+                          extra=["--pure"])
 
 
 def _ppl(tools, model, text_file, extra=()):
@@ -35,9 +39,16 @@ def _ppl(tools, model, text_file, extra=()):
                             extra=list(F32_KV) + list(extra))
 
 
-@pytest.mark.parametrize("qtype", ["q4_0", "q8_0"])
-def test_quantized_all_experts_active_equals_dense(tools, tiny_models, text_file, tmp_path, qtype):
-    model = tiny_models["llama"]
+@pytest.fixture(scope="module")
+def kquant_model(smollm2_dir, tmp_path_factory):
+    """Rows of 256 (the k-quant block) everywhere: hidden 256, d_ff 1024, 4 experts of 256 neurons."""
+    return make_tiny_model("llama", tmp_path_factory.mktemp("kq") / "llama", smollm2_dir, seed=7,
+                           hidden_size=256, intermediate_size=1024)
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0", "q4_k"])
+def test_quantized_all_experts_active_equals_dense(tools, tiny_models, kquant_model, text_file, tmp_path, qtype):
+    model = kquant_model if qtype == "q4_k" else tiny_models["llama"]
     dense = _quantized(tools, _dense_reference_gguf(model, tmp_path / "dense.gguf"), qtype, tmp_path)
     opts = MethodOptions(experts=4, shared=0)
     _write(model, lambda c, a: make_plans(c, a, "mlpmoe", opts, progress=False), tmp_path / "moe.gguf")
