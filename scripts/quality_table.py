@@ -86,7 +86,9 @@ def main() -> int:
     for row in rows:
         for f in fractions:
             method, opts = row_options(row, f, args)
-            lora = LoRAOptions(seed=args.seed) if row.endswith("+lora") else None
+            # data-free rows (slice) fine-tune on the --calib text too (slice+lora at 1.0: the dense model + LoRA)
+            lora = (LoRAOptions(seed=args.seed, data=None if opts.calib else args.calib)
+                    if row.endswith("+lora") else None)
             key = {"row": row, "f": f, "model": args.model, "text": args.text, "chunks": args.chunks,
                    "ctx": args.ctx, "opts": {k: v for k, v in opts.__dict__.items()
                                              if k != "runtime" or v != "patched"}}
