@@ -70,15 +70,29 @@ def _method_args(p: argparse.ArgumentParser) -> None:
                         "per-layer budgets); stock: a file unmodified llama.cpp runs (deepseek / llama-Mixtral / "
                         "qwen3moe layout, softmax gating with unit weights folded in, linear router fitted to "
                         "non-linear ones; see README) (default: %(default)s)")
-    c = p.add_argument_group("calibration (cmoe, moefication, finegrained)")
+    t = p.add_argument_group("tomoe (trained masks and router; the model's weights stay frozen)")
+    t.add_argument("--budget", type=float, default=None, metavar="P",
+                   help="tomoe: target fraction of MLP neurons active per token (default: 0.5)")
+    t.add_argument("--train-steps", type=int, default=None,
+                   help="tomoe: optimizer steps, one window of --seqlen calibration tokens each (default: 400)")
+    t.add_argument("--lr", type=float, default=None, help="tomoe: AdamW learning rate (default: 5e-3)")
+    t.add_argument("--seqlen", type=int, default=None,
+                   help="tomoe: tokens per training window, capped at the model's context (default: 256)")
+    t.add_argument("--train-state", default=None, metavar="FILE",
+                   help="tomoe: training checkpoint, saved every 10 steps; an interrupted run given the same "
+                        "file and options resumes from it, a finished one is reused (default: OUT.gguf + "
+                        "'.tomoe-state.pt' for convert, none for eval)")
+    c = p.add_argument_group("calibration (cmoe, moefication, finegrained, tomoe)")
     c.add_argument("--calib", default=None, metavar="FILE|DIR|wikitext2",
                    help="calibration text: a UTF-8 file, a folder of .txt files, or wikitext2 (WikiText-2 train via "
-                        "the `datasets` package, online only); required by cmoe, moefication and finegrained "
+                        "the `datasets` package, online only); required by cmoe, moefication, finegrained and tomoe "
                         "(default: none)")
     c.add_argument("--calib-samples", type=int, default=8,
-                   help="calibration windows, drawn at random starts (default: %(default)s)")
+                   help="calibration windows, drawn at random starts (tomoe draws one window per training step "
+                        "instead) (default: %(default)s)")
     c.add_argument("--calib-seqlen", type=int, default=2048,
-                   help="tokens per calibration window, capped at the model's context (default: %(default)s)")
+                   help="tokens per calibration window, capped at the model's context (tomoe: --seqlen) "
+                        "(default: %(default)s)")
     c.add_argument("--seed", type=int, default=0,
                    help="seed for calibration windows, k-means initialisation and router training "
                         "(default: %(default)s)")
@@ -122,11 +136,19 @@ def _opts(args) -> MethodOptions:
         extra.update(stat=args.stat, router=args.router or "linear")
         if args.router_hidden is not None:
             extra["router_hidden"] = args.router_hidden
+    tomoe_flags = {"budget": args.budget, "train_steps": args.train_steps, "lr": args.lr, "seqlen": args.seqlen,
+                   "state": args.train_state}
+    if args.method == "tomoe":
+        extra.update({k: v for k, v in tomoe_flags.items() if v is not None})
+        if "state" not in extra and getattr(args, "out", None):
+            extra["state"] = str(args.out) + ".tomoe-state.pt"
+    elif any(v is not None for v in tomoe_flags.values()):
+        raise UserError("--budget, --train-steps, --lr, --seqlen and --train-state apply to --method tomoe only")
     if args.layer_budget != "uniform" and args.method == "mlpmoe":
         raise UserError("--layer-budget sensitivity needs a data-driven method (cmoe, moefication, finegrained)")
     if args.method == "mlpmoe" and args.calib is not None:
-        raise UserError("--calib is for the data-driven methods (cmoe, moefication, finegrained); mlpmoe uses no "
-                        "data")
+        raise UserError("--calib is for the data-driven methods (cmoe, moefication, finegrained, tomoe); mlpmoe "
+                        "uses no data")
     return MethodOptions(experts=experts, shared=shared, top_k=top_k, variant=args.variant, keep=args.keep,
                          calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                          seed=args.seed, layer_budget=args.layer_budget, runtime=args.runtime, extra=extra)

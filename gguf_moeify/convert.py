@@ -28,6 +28,8 @@ def make_plans(ckpt: Checkpoint, adapter: Adapter, method_name: str, opts: Metho
     if opts.runtime == "stock":
         from .stock import check_stock_options
         check_stock_options(opts, ckpt.config, adapter.name)
+    if hasattr(method, "plan_model"):  # trained on the whole model at once (ToMoE)
+        return method.plan_model(ckpt, adapter, opts, progress)
     if getattr(method, "needs_calibration", False):
         from .calibration import calibrated_plans
         return calibrated_plans(ckpt, adapter, method, opts, progress)

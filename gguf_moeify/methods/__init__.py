@@ -1,5 +1,6 @@
-"""Conversion methods. Each is one module with ``plan_layer(layer, gate, up, down, opts, stats) -> MoEPlan``;
-this registry is the only place that lists them."""
+"""Conversion methods. Each is one module with ``plan_layer(layer, gate, up, down, opts, stats) -> MoEPlan``
+(or, for methods trained on the whole model such as ToMoE, ``plan_model(ckpt, adapter, opts, progress)`` returning
+every layer's plan); this registry is the only place that lists them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -28,11 +29,11 @@ class MethodOptions:
 
 
 def _registry():
-    from . import cmoe, finegrained, mlpmoe, moefication
-    return {"mlpmoe": mlpmoe, "cmoe": cmoe, "moefication": moefication, "finegrained": finegrained}
+    from . import cmoe, finegrained, mlpmoe, moefication, tomoe
+    return {"mlpmoe": mlpmoe, "cmoe": cmoe, "moefication": moefication, "finegrained": finegrained, "tomoe": tomoe}
 
 
-METHOD_NAMES = ("mlpmoe", "cmoe", "moefication", "finegrained")
+METHOD_NAMES = ("mlpmoe", "cmoe", "moefication", "finegrained", "tomoe")
 
 
 def resolve_options(name: str, opts: MethodOptions, d_ff: int) -> MethodOptions:

@@ -1,0 +1,125 @@
+"""ToMoE (Gao et al. 2025, arXiv 2501.15316): dynamic structural pruning into experts with a trained router; the
+model's weights stay frozen.
+
+Per layer, E expert masks over the d_ff neurons (from a hypernetwork shared by all layers) and a linear router that
+picks one expert per token are trained on calibration text against the dense model as teacher, with a penalty that
+pulls the mean fraction of neurons active per token to ``--budget`` p (training: ``tomoe_train.py``). Options:
+``--experts`` E (default 8), ``--budget`` p (default 0.5), ``--train-steps``, ``--lr``, ``--seqlen``, ``--seed``,
+``--train-state`` (checkpoint/resume). Top-1 routing, no separate shared expert to ask for.
+
+Export to a MoEPlan (exactly the inference-time ToMoE model: hard masks ``logit > 0``, argmax routing, unit gate):
+- neurons no expert keeps are dropped (no expert lists them);
+- neurons every expert keeps are computed for every token either way; whole blocks of PAD of them become the
+  always-on shared expert (a multiple of 32, so its down projection quantizes; the same width in every layer, as
+  llama.cpp reads one), the rest stay in each expert;
+- experts overlap freely: each expert is its own slice of neuron indices, so a neuron kept by several experts is
+  duplicated in each of them;
+- experts of unequal size are padded with zero neurons (index -1) to the largest one of any layer (one expert
+  width per file), rounded up to a multiple of PAD (32: the q4_0/q8_0 block, so ffn_down_exps quantizes). Padding is chosen over splitting because a split
+  expert would need top-k > 1 for some tokens and not others, which the file format cannot say; its cost is in the
+  plan: ``active_fraction()`` counts padding (what the runtime computes) and ``info["active_ratio"]`` is ToMoE's own
+  measure (neurons of the chosen expert per token, on held-out calibration tokens).
+- the router is the trained linear router (``linear``: argmax of x W^T; top-1 of it is the same choice).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..plan import MoEPlan, Router
+from . import MethodOptions
+
+NAME = "tomoe"
+needs_calibration = True
+PAD = 32
+DEFAULTS = {"budget": 0.5, "train_steps": 400, "lr": 5e-3, "seqlen": 256}
+
+
+def default_experts(d_ff: int) -> int:
+    return 8
+
+
+def validate(opts: MethodOptions, d_ff: int) -> None:
+    from ..calibration import check_calib_options
+    check_calib_options(opts, NAME)
+    if not 2 <= opts.experts <= 512:
+        raise UserError(f"--experts for tomoe must be between 2 and 512, got {opts.experts}")
+    if opts.shared:
+        raise UserError("tomoe has no --shared option: neurons every expert keeps become the shared expert on export")
+    if opts.top_k not in (None, 1):
+        raise UserError(f"tomoe routes each token to one expert (top-1); --top-k {opts.top_k} is not available")
+    if opts.layer_budget != "uniform":
+        raise UserError("--layer-budget sensitivity does not apply to tomoe (its budget is trained: --budget)")
+    if opts.runtime != "patched":
+        raise UserError("--runtime stock is not available for tomoe yet; use the patched runtime")
+    if opts.keep is not None or opts.variant != "slice":
+        raise UserError("--variant/--keep apply to mlpmoe only")
+    x = {**DEFAULTS, **opts.extra}
+    if not 0 < x["budget"] <= 1:
+        raise UserError(f"--budget must be in (0, 1], got {x['budget']}")
+    if x["train_steps"] < 1:
+        raise UserError(f"--train-steps must be >= 1, got {x['train_steps']}")
+    if not (x["lr"] > 0 and math.isfinite(x["lr"])):
+        raise UserError(f"--lr must be a positive number, got {x['lr']}")
+    if x["seqlen"] < 2:
+        raise UserError(f"--seqlen must be >= 2, got {x['seqlen']}")
+
+
+def train_options(opts: MethodOptions, max_positions: int | None = None):
+    from ..tomoe_train import TrainOptions
+    x = {**DEFAULTS, **opts.extra}
+    seqlen = min(int(x["seqlen"]), max_positions or int(x["seqlen"]))
+    return TrainOptions(experts=opts.experts, budget=float(x["budget"]), steps=int(x["train_steps"]),
+                        lr=float(x["lr"]), seqlen=seqlen, seed=opts.seed, state=x.get("state"))
+
+
+def plans_from_masks(masks: torch.Tensor, routers: list[torch.Tensor], info: list[dict] | None = None
+                     ) -> list[MoEPlan]:
+    """Hard masks (n_layers, E, d_ff) bool and router weights (E, d) per layer -> one MoEPlan per layer. llama.cpp
+    reads one expert width and one shared width per file, so both are common to all layers: the shared expert is
+    as wide as the fewest whole PAD-blocks of every-expert neurons any layer has, the experts as wide as the largest
+    remaining expert of any layer (rounded up to PAD)."""
+    masks = masks.numpy().astype(bool)
+    in_all = [np.flatnonzero(m.all(0)) for m in masks]
+    n_shared = min(len(x) for x in in_all) // PAD * PAD
+    routed = []
+    for m, common in zip(masks, in_all):
+        r = m.copy()
+        r[:, common[:n_shared]] = False
+        routed.append([np.flatnonzero(row) for row in r])
+    width = max(PAD, -(-max(len(x) for lists in routed for x in lists) // PAD) * PAD)
+    plans = []
+    for i, (m, common, lists, w) in enumerate(zip(masks, in_all, routed, routers)):
+        experts = np.full((len(lists), width), -1, dtype=np.int64)
+        for e, idx in enumerate(lists):
+            experts[e, :len(idx)] = idx
+        layer_info = {"expert_sizes": [int(len(x)) for x in lists], "shared_from_overlap": n_shared,
+                      "dropped_neurons": int(m.shape[1] - m.any(0).sum()), **(info[i] if info else {})}
+        plans.append(MoEPlan(layer=i, d_ff=m.shape[1], experts=experts, top_k=1, shared=common[:n_shared],
+                             router=Router("linear", {"weight": w.float().numpy()}), info=layer_info))
+    return plans
+
+
+def plan_model(ckpt, adapter, opts: MethodOptions, progress: bool = True) -> list[MoEPlan]:
+    """Train ToMoE on the calibration text with the whole (frozen) model in memory, then export the plans."""
+    from ..calibration import tokenize_text
+    from ..reference import load_dense
+    from ..tomoe_train import ToMoEModel, fingerprint, step_window, train
+    ids = tokenize_text(ckpt.path, opts.calib)
+    topts = train_options(opts, int(ckpt.config.get("max_position_embeddings") or 0) or None)
+    model, _ = load_dense(ckpt, tokenizer=False)
+    tm = ToMoEModel(model, adapter, ckpt.n_layers, topts)
+    # the run is identified by the model, the calibration tokens and the options
+    source = hashlib.sha256(repr(sorted(ckpt.config.items())).encode() + ids.numpy().tobytes()).hexdigest()
+    run = train(tm, ids, fingerprint(str(ckpt.path), source, topts), progress)
+    # ToMoE's own active ratio (no padding), per layer, on a window training did not draw (step -1)
+    tm.logits(step_window(ids, topts.seqlen, topts.seed + 1, -1))
+    info = [{"active_ratio": round(float(m.record["active"]), 6)} for m in tm.layers]
+    info[0]["training"] = run
+    plans = plans_from_masks(tm.hard_masks(), tm.router_weights(), info)
+    del tm, model
+    return plans
