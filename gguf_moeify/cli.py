@@ -34,7 +34,8 @@ def _method_args(p: argparse.ArgumentParser) -> None:
                    help="conversion method (default: %(default)s)")
     g.add_argument("--experts", "-E", type=int, default=None,
                    help="total experts per layer, shared ones included; must divide the MLP's intermediate size "
-                        "(default: 8; finegrained: experts of 32 neurons, E = d_ff/32, wider when that exceeds 512)")
+                        "(default: 8; finegrained: experts of 32 neurons, E = d_ff/32, wider when that exceeds 512; "
+                        "tomoe: any E from 2 to 512, experts are trained masks)")
     g.add_argument("--shared", "-S", type=int, default=None,
                    help="experts merged into one always-on shared expert (default: 0; finegrained: E/6)")
     g.add_argument("--top-k", "-K", type=int, default=None,

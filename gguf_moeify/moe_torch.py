@@ -5,6 +5,7 @@ the shared expert (if any) is always added with weight 1.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -79,12 +80,15 @@ class MoEMLP(nn.Module):
 
     def _neuron_oracle(self, x: torch.Tensor) -> torch.Tensor:
         d = x.shape[-1]
-        gate, up = self.gate_exps.reshape(-1, d), self.up_exps.reshape(-1, d)
-        down = self.down_exps.transpose(1, 2).reshape(-1, d) / self.plan.expert_scale   # one row per neuron
+        # each of the plan's neurons once: padding (-1) and copies of a neuron in several experts (ToMoE) left out
+        _, first = np.unique(self.plan.experts.reshape(-1), return_index=True)
+        rows = torch.as_tensor(np.sort(first[self.plan.experts.reshape(-1)[first] >= 0]))
+        gate, up = self.gate_exps.reshape(-1, d)[rows], self.up_exps.reshape(-1, d)[rows]
+        down = (self.down_exps.transpose(1, 2).reshape(-1, d) / self.plan.expert_scale)[rows]  # one row per neuron
         if self.has_shared:
             gate, up = torch.cat([self.gate_shexp, gate]), torch.cat([self.up_shexp, up])
             down = torch.cat([self.down_shexp.t(), down])
-        n_active = self.plan.shared_width + self.top_k * self.plan.expert_width
+        n_active = min(self.plan.shared_width + self.top_k * self.plan.expert_width, gate.shape[0])
         h = self.act(x @ gate.t()) * (x @ up.t())
         keep = torch.topk(h.abs() * down.norm(dim=1), n_active, dim=-1).indices
         mask = torch.zeros_like(h).scatter_(1, keep, 1.0)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 
 import numpy as np
 import torch
@@ -116,7 +117,10 @@ def plan_model(ckpt, adapter, opts: MethodOptions, progress: bool = True) -> lis
     # the run is identified by the model, the calibration tokens and the options
     source = hashlib.sha256(repr(sorted(ckpt.config.items())).encode() + ids.numpy().tobytes()).hexdigest()
     run = train(tm, ids, fingerprint(str(ckpt.path), source, topts), progress)
-    # ToMoE's own active ratio (no padding), per layer, on a window training did not draw (step -1)
+    if topts.state:
+        print(f"ToMoE training state: {topts.state} (a rerun with the same options reuses it; delete it to retrain)",
+              file=sys.stderr)
+    # ToMoE's own active ratio (no padding), per layer, on one fixed calibration window
     tm.logits(step_window(ids, topts.seqlen, topts.seed + 1, -1))
     info = [{"active_ratio": round(float(m.record["active"]), 6)} for m in tm.layers]
     info[0]["training"] = run
