@@ -74,6 +74,11 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("tomoe (trained masks and router; the model's weights stay frozen)")
     t.add_argument("--budget", type=float, default=None, metavar="P",
                    help="tomoe: target fraction of MLP neurons active per token (default: 0.5)")
+    t.add_argument("--budget-on", default=None, choices=("widest", "tokens"),
+                   help="tomoe: what --budget limits: widest = per layer the widest expert, i.e. what the file "
+                        "computes per token (every expert of a layer is padded to its widest); tokens = the paper's "
+                        "mean size of the expert each token chooses (experts may then differ widely in size and the "
+                        "file computes the widest) (default: widest)")
     t.add_argument("--train-steps", type=int, default=None,
                    help="tomoe: optimizer steps, one window of --seqlen calibration tokens each (default: 400)")
     t.add_argument("--lr", type=float, default=None, help="tomoe: AdamW learning rate (default: 5e-3)")
@@ -137,14 +142,15 @@ def _opts(args) -> MethodOptions:
         extra.update(stat=args.stat, router=args.router or "linear")
         if args.router_hidden is not None:
             extra["router_hidden"] = args.router_hidden
-    tomoe_flags = {"budget": args.budget, "train_steps": args.train_steps, "lr": args.lr, "seqlen": args.seqlen,
-                   "state": args.train_state}
+    tomoe_flags = {"budget": args.budget, "budget_on": args.budget_on, "train_steps": args.train_steps,
+                   "lr": args.lr, "seqlen": args.seqlen, "state": args.train_state}
     if args.method == "tomoe":
         extra.update({k: v for k, v in tomoe_flags.items() if v is not None})
         if "state" not in extra and getattr(args, "out", None):
             extra["state"] = str(args.out) + ".tomoe-state.pt"
     elif any(v is not None for v in tomoe_flags.values()):
-        raise UserError("--budget, --train-steps, --lr, --seqlen and --train-state apply to --method tomoe only")
+        raise UserError("--budget, --budget-on, --train-steps, --lr, --seqlen and --train-state are options of "
+                        "--method tomoe only")
     if args.layer_budget != "uniform" and args.method == "mlpmoe":
         raise UserError("--layer-budget sensitivity needs a data-driven method (cmoe, moefication, finegrained)")
     if args.method == "mlpmoe" and args.calib is not None:

@@ -187,11 +187,13 @@ def _encoded_layout(shape: tuple[int, ...], qtype) -> tuple[np.dtype, tuple[int,
 
 
 def check_plans_uniform(plans: list[MoEPlan]) -> None:
-    """llama.cpp reads one expert count/width/shared width per file: every layer must agree."""
+    """llama.cpp reads one expert count, shared width and router kind per file: every layer must agree. The expert
+    width may differ per layer in the patched runtime (expert_feed_forward_length as a per-layer array, read by
+    patch 0002), not in stock llama.cpp."""
     first = plans[0]
     for p in plans[1:]:
-        if (p.n_experts, p.expert_width, p.shared_width, p.router.kind) != \
-                (first.n_experts, first.expert_width, first.shared_width, first.router.kind):
+        if (p.n_experts, p.shared_width, p.router.kind) != (first.n_experts, first.shared_width, first.router.kind) \
+                or (p.gating != "unit" and p.expert_width != first.expert_width):
             raise ValueError(f"layer {p.layer} has a different expert layout than layer 0")
 
 
@@ -251,7 +253,11 @@ def write_gguf(out_tmp: Path, ckpt: Checkpoint, adapter: Adapter, plans: list[Mo
     else:  # per-layer budgets: llama.cpp reads the key as a scalar or an array (graph use: patch 0005)
         writer.add_array(f"{arch}.expert_used_count", used)
     if not stock:
-        writer.add_expert_feed_forward_length(p0.expert_width)
+        widths = [p.expert_width for p in plans]
+        if len(set(widths)) == 1:
+            writer.add_expert_feed_forward_length(p0.expert_width)
+        else:  # experts of different widths per layer (ToMoE): read as a per-layer array (patch 0002)
+            writer.add_array(f"{arch}.expert_feed_forward_length", widths)
         writer.add_expert_shared_feed_forward_length(p0.shared_width)
         writer.add_uint32(f"{arch}.expert_shared_count", 1 if p0.shared_width else 0)
         writer.add_uint32(f"{arch}.expert_router_type", ROUTER_TYPE_IDS[p0.router.kind])

@@ -8,10 +8,14 @@ Pieces (ToMoE, arXiv 2501.15316; METHODS.md):
 - ``MaskedMLP`` replaces each dense MLP: a linear router (d -> E, no bias) chooses one expert per token (hard
   Gumbel-softmax, straight-through, while training; argmax at inference) and the output is the dense SwiGLU with
   the chosen expert's mask on its neurons, no gate weighting. With ``teacher`` set it is the dense MLP.
-- Loss: KL(teacher || student) on next-token distributions + LAMBDA_RATIO * |log(R / p)| (R: the mean fraction of
-  d_ff neurons active per token, through the chosen experts' masks) + LAMBDA_COVER * coverage (probability, under
+- Loss: KL(teacher || student) on next-token distributions + LAMBDA_RATIO * |log(R / p)| + LAMBDA_COVER * coverage (probability, under
   the soft masks, that no expert of a layer keeps a neuron) + LAMBDA_BALANCE * Switch load balancing
   (E * sum_e f_e P_e). AdamW on the hypernetwork and routers only; the model's weights never change.
+  R (``budget_on``): "tokens" is the paper's, the mean over tokens of the chosen expert's share of d_ff, which lets
+  a layer keep one wide expert for the few tokens that need it; a GGUF pads every expert of a layer to its widest
+  (one width per layer), so on SmolLM2 a "tokens" run at p = 0.25 computed 78% of the MLP per token in llama.cpp.
+  "widest" (default) puts the budget on what the file computes, the mean over layers of each layer's widest expert:
+  narrower experts are then free to grow to the widest (the KL favours it), so a layer's experts end equal in size.
 - Resumable: the trainable state, the optimizer and the step are saved atomically every SAVE_EVERY steps; the
   windows and the Gumbel noise of step s are drawn from generators seeded with (seed, s), so a resumed run takes
   the same steps as an uninterrupted one.
@@ -45,6 +49,8 @@ SAVE_EVERY = 10
 class TrainOptions:
     experts: int = 8
     budget: float = 0.5           # target fraction p of d_ff neurons active per token
+    budget_on: str = "widest"     # "widest": each layer's widest expert (what a file computes); "tokens": the paper's
+                                  # mean over tokens of the chosen expert's size
     steps: int = 400
     lr: float = 5e-3
     seqlen: int = 256
@@ -196,16 +202,19 @@ def losses(tm: ToMoEModel, ids: torch.Tensor, gen: torch.Generator, noise: float
         teacher = torch.log_softmax(tm.model(input_ids=ids, use_cache=False).logits.float(), -1)
     tm.set_mode(training=True)
     logits = tm.set_masks(gen, noise)
+    masks_st = torch.stack([m.masks for m in tm.layers])
     student = torch.log_softmax(tm.model(input_ids=ids, use_cache=False).logits.float(), -1)
     kl = (teacher.exp() * (teacher - student)).sum(-1).mean()
     ratio = torch.stack([m.record["active"] for m in tm.layers]).mean()
+    # what a file computes per token: in each layer the widest expert (narrower ones are padded to it)
+    widest = (masks_st.sum(-1).amax(-1) / masks_st.shape[-1]).mean()
     soft = torch.sigmoid(logits)
     cover = torch.prod(1 - soft, dim=1).mean()
     n_exp = tm.opts.experts
     balance = torch.stack([n_exp * (m.record["load"] * m.record["prob"]).sum() for m in tm.layers]).mean()
-    penalty = torch.abs(torch.log(ratio / tm.opts.budget))
+    penalty = torch.abs(torch.log((widest if tm.opts.budget_on == "widest" else ratio) / tm.opts.budget))
     total = kl + LAMBDA_RATIO * penalty + LAMBDA_COVER * cover + LAMBDA_BALANCE * balance
-    return {"loss": total, "kl": kl, "ratio": ratio, "cover": cover, "balance": balance}
+    return {"loss": total, "kl": kl, "ratio": ratio, "widest": widest, "cover": cover, "balance": balance}
 
 
 def fingerprint(model_id: str, calib: str, opts: TrainOptions) -> str:
@@ -263,7 +272,8 @@ def train(tm: ToMoEModel, ids: torch.Tensor, fp: str, progress: bool = True) -> 
         optim.step()
         rec = {k: round(float(v.detach()), 5) for k, v in terms.items()}
         history.append(rec)
-        bar.set_postfix(kl=f"{rec['kl']:.3f}", ratio=f"{rec['ratio']:.3f}", cover=f"{rec['cover']:.3f}",
+        bar.set_postfix(kl=f"{rec['kl']:.3f}", ratio=f"{rec['ratio']:.3f}", widest=f"{rec['widest']:.3f}",
+                        cover=f"{rec['cover']:.3f}",
                         balance=f"{rec['balance']:.2f}")
         if state_path is not None and ((step + 1) % SAVE_EVERY == 0 or step + 1 == opts.steps):
             _save(state_path, {"fingerprint": fp, "step": step + 1, "trainable": tm.state_dict(),

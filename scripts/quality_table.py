@@ -8,7 +8,7 @@ data-free slice router, ``slice:METHOD`` with METHOD's E/S/K). Suffixes: ``@stoc
 llama.cpp (``--runtime stock``; the cell adds how often its router agrees with the original); ``+lora`` adds the
 ``--finetune lora`` recovery with its defaults (the cell shows the fine-tuned model, the training-free ratio next to
 it); ``:E<n>`` sets E (e.g. ``finegrained:linear:E24``). ``tomoe`` trains ToMoE with --budget = the column's fraction
-and its default training options (the cell gives the training time and the file's active fraction with padding). Each column is an active fraction (25/50/75%), mapped to
+(``tomoe:tokens``: --budget-on tokens) and its default training options (the cell gives the training time and the file's active fraction with padding). Each column is an active fraction (25/50/75%), mapped to
 E/S/K as ``bench`` does
 (cmoe/slice: S2A2E16, S4A4E16, S6A6E16; moefication: S0A4E16, ...; finegrained: S4A8E48, S8A16E48, S12A24E48).
 A cell is ``ppl (ratio to dense)`` and, below it, the expert oracle (same experts, chosen per token by true output
@@ -44,9 +44,11 @@ def row_options(row: str, fraction: float, args) -> tuple[str, MethodOptions]:
     method = "mlpmoe" if name == "slice" else name
     # a trailing ``:E<n>`` sets the number of experts (e.g. finegrained:linear:E24: 64-neuron experts on SmolLM2)
     experts = int(parts.pop()[1:]) if len(parts) > 1 and re.fullmatch(r"[Ee]\d+", parts[-1]) else None
-    if name == "tomoe":  # trained to the fraction (--budget), top-1 of E experts (default 8)
+    if name == "tomoe":  # trained to the fraction (--budget), top-1 of E experts (default 8); tomoe:tokens: the
+        # paper's per-token budget (--budget-on tokens)
+        budget_on = parts[1] if len(parts) > 1 else "widest"
         return method, MethodOptions(experts=experts or 8, shared=0, top_k=None, calib=args.calib, seed=args.seed,
-                                     extra={"budget": fraction,
+                                     extra={"budget": fraction, "budget_on": budget_on,
                                             "state": str(Path(args.out) / f"{row}-{fraction}.tomoe-state.pt")})
     # slice:METHOD takes METHOD's SxAyEz (e.g. slice:moefication: no shared slice), plain slice CMoE's
     e, s, k = map_fraction(parts[1] if name == "slice" and len(parts) > 1 else method, fraction, experts)

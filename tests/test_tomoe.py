@@ -154,7 +154,7 @@ def test_tomoe_file_matches_torch_in_llama_cpp(tools, tiny_models, eval_excerpt,
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--method", "cmoe", "--budget", "0.5"], "apply to --method tomoe only"),
+    (["--method", "cmoe", "--budget", "0.5"], "options of --method tomoe only"),
     (["--method", "tomoe", "--budget", "1.5"], "--budget must be in"),
     (["--method", "tomoe", "--top-k", "2"], "top-1"),
     (["--method", "tomoe", "--train-steps", "0"], "--train-steps must be"),

@@ -14,11 +14,13 @@ Export to a MoEPlan (exactly the inference-time ToMoE model: hard masks ``logit 
   llama.cpp reads one), the rest stay in each expert;
 - experts overlap freely: each expert is its own slice of neuron indices, so a neuron kept by several experts is
   duplicated in each of them;
-- experts of unequal size are padded with zero neurons (index -1) to the largest one of any layer (one expert
-  width per file), rounded up to a multiple of PAD (32: the q4_0/q8_0 block, so ffn_down_exps quantizes). Padding is chosen over splitting because a split
-  expert would need top-k > 1 for some tokens and not others, which the file format cannot say; its cost is in the
-  plan: ``active_fraction()`` counts padding (what the runtime computes) and ``info["active_ratio"]`` is ToMoE's own
-  measure (neurons of the chosen expert per token, on held-out calibration tokens).
+- experts of unequal size are padded with zero neurons (index -1) to the largest one of their layer, rounded up to
+  a multiple of PAD (32: the q4_0/q8_0 block, so ffn_down_exps quantizes); the width differs per layer (the
+  budget is global: training spends more of it on some layers), written as a per-layer
+  ``expert_feed_forward_length`` array that the patched runtime reads. Padding is chosen over splitting because a
+  split expert would need top-k > 1 for some tokens and not others, which the file format cannot say; its cost is
+  in the plan: ``active_fraction()`` counts padding (what the runtime computes) and ``info["active_ratio"]`` is
+  ToMoE's own measure (neurons of the chosen expert per token, on one fixed calibration window).
 - the router is the trained linear router (``linear``: argmax of x W^T; top-1 of it is the same choice).
 """
 from __future__ import annotations
@@ -37,7 +39,8 @@ from . import MethodOptions
 NAME = "tomoe"
 needs_calibration = True
 PAD = 32
-DEFAULTS = {"budget": 0.5, "train_steps": 400, "lr": 5e-3, "seqlen": 256}
+DEFAULTS = {"budget": 0.5, "budget_on": "widest", "train_steps": 400, "lr": 5e-3, "seqlen": 256}
+BUDGET_ON = ("widest", "tokens")
 
 
 def default_experts(d_ff: int) -> int:
@@ -62,6 +65,8 @@ def validate(opts: MethodOptions, d_ff: int) -> None:
     x = {**DEFAULTS, **opts.extra}
     if not 0 < x["budget"] <= 1:
         raise UserError(f"--budget must be in (0, 1], got {x['budget']}")
+    if x["budget_on"] not in BUDGET_ON:
+        raise UserError(f"--budget-on must be one of {', '.join(BUDGET_ON)}, got {x['budget_on']!r}")
     if x["train_steps"] < 1:
         raise UserError(f"--train-steps must be >= 1, got {x['train_steps']}")
     if not (x["lr"] > 0 and math.isfinite(x["lr"])):
@@ -74,16 +79,18 @@ def train_options(opts: MethodOptions, max_positions: int | None = None):
     from ..tomoe_train import TrainOptions
     x = {**DEFAULTS, **opts.extra}
     seqlen = min(int(x["seqlen"]), max_positions or int(x["seqlen"]))
-    return TrainOptions(experts=opts.experts, budget=float(x["budget"]), steps=int(x["train_steps"]),
+    return TrainOptions(experts=opts.experts, budget=float(x["budget"]), budget_on=x["budget_on"],
+                        steps=int(x["train_steps"]),
                         lr=float(x["lr"]), seqlen=seqlen, seed=opts.seed, state=x.get("state"))
 
 
 def plans_from_masks(masks: torch.Tensor, routers: list[torch.Tensor], info: list[dict] | None = None
                      ) -> list[MoEPlan]:
-    """Hard masks (n_layers, E, d_ff) bool and router weights (E, d) per layer -> one MoEPlan per layer. llama.cpp
-    reads one expert width and one shared width per file, so both are common to all layers: the shared expert is
-    as wide as the fewest whole PAD-blocks of every-expert neurons any layer has, the experts as wide as the largest
-    remaining expert of any layer (rounded up to PAD)."""
+    """Hard masks (n_layers, E, d_ff) bool and router weights (E, d) per layer -> one MoEPlan per layer. The experts
+    of a layer are as wide as its largest (rounded up to PAD); layers differ (ToMoE's budget is global, so it
+    spends more neurons on some layers), which the patched runtime reads as a per-layer array. llama.cpp reads one
+    shared width per file: the shared expert is as wide as the fewest whole PAD-blocks of every-expert neurons
+    any layer has."""
     masks = masks.numpy().astype(bool)
     in_all = [np.flatnonzero(m.all(0)) for m in masks]
     n_shared = min(len(x) for x in in_all) // PAD * PAD
@@ -92,9 +99,9 @@ def plans_from_masks(masks: torch.Tensor, routers: list[torch.Tensor], info: lis
         r = m.copy()
         r[:, common[:n_shared]] = False
         routed.append([np.flatnonzero(row) for row in r])
-    width = max(PAD, -(-max(len(x) for lists in routed for x in lists) // PAD) * PAD)
     plans = []
     for i, (m, common, lists, w) in enumerate(zip(masks, in_all, routed, routers)):
+        width = max(PAD, -(-max(len(x) for x in lists) // PAD) * PAD)
         experts = np.full((len(lists), width), -1, dtype=np.int64)
         for e, idx in enumerate(lists):
             experts[e, :len(idx)] = idx
