@@ -166,3 +166,24 @@ def test_cli_errors(tiny_models, tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_per_layer_expert_widths_in_llama_cpp(tools, tiny_models, eval_excerpt, tmp_path):
+    """Layers whose experts differ in width (written as a per-layer expert_feed_forward_length array) load in the
+    patched llama.cpp and match the torch reference."""
+    import gguf
+    from test_llama_cpp_parity import _torch_and_llama_cpp, _write
+    rng = np.random.default_rng(0)
+    masks = torch.zeros(2, 4, 256, dtype=torch.bool)
+    for e in range(4):   # layer 0: 40..60 neurons an expert (padded to 64), layer 1: 10..30 (padded to 32)
+        masks[0, e, rng.choice(256, 40 + 5 * e, replace=False)] = True
+        masks[1, e, rng.choice(256, 10 + 5 * e, replace=False)] = True
+
+    def make(ckpt, adapter):
+        return plans_from_masks(masks, [torch.as_tensor(rng.standard_normal((4, ckpt.n_embd))) for _ in range(2)])
+    out = tmp_path / "widths.gguf"
+    ckpt, adapter, plans = _write(tiny_models["llama"], make, out)
+    assert [p.expert_width for p in plans] == [64, 32]
+    assert gguf.GGUFReader(out).fields[f"{adapter.gguf_arch}.expert_feed_forward_length"].contents() == [64, 32]
+    ref, cpp = _torch_and_llama_cpp(tools, out, ckpt, adapter, plans, eval_excerpt, tmp_path)
+    assert relative_difference(ref.ppl, cpp.final_ppl) < 1e-3, (ref.ppl, cpp.final_ppl)
