@@ -30,7 +30,9 @@ mlpmoe at f = 1) and n = round(f·E) experts' worth of neurons per token:
 - ``cmoe``: S = max(1, n // 2) shared, K = n - S routed (CMoE's SxAxE pattern: 25% -> S2A2E16, 50% -> S4A4E16,
   75% -> S6A6E16);
 - ``finegrained``: S = n // 3 shared, K = n - S (50% -> S8A16E48);
-- ``moefication``, ``moe`` (synthetic): no shared expert, K = n (25% -> S0A4E16).
+- ``moefication``, ``moe`` (synthetic): no shared expert, K = n (25% -> S0A4E16);
+- ``tomoe``: trained with ``--budget`` f (top-1 of E = ``--experts`` or 8 masks; its training state is kept in the
+  work folder, so other outtypes and reruns reuse it).
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-REAL_METHODS = ("mlpmoe", "cmoe", "moefication", "finegrained")
+REAL_METHODS = ("mlpmoe", "cmoe", "moefication", "finegrained", "tomoe")
 BENCH_OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
 SYN_OUTTYPES = ("f16", "q8_0", "q4_0")
 
@@ -62,14 +64,18 @@ class Config:
     top_k: int
     outtype: str
     spec: str = ""         # as given
+    budget: float | None = None   # tomoe: the trained active fraction (--budget); its experts are top-1 masks
 
     @property
     def active_fraction(self) -> float:
+        if self.budget is not None:
+            return self.budget
         return 1.0 if self.method == "dense" else (self.shared + self.top_k) / self.experts
 
     @property
     def sae(self) -> str:
-        return f"S{self.shared}A{self.top_k}E{self.experts}"
+        return f"E{self.experts}p{self.budget:g}" if self.budget is not None else \
+            f"S{self.shared}A{self.top_k}E{self.experts}"
 
     @property
     def label(self) -> str:
@@ -128,6 +134,13 @@ def parse_configs(text: str, synthetic: bool, experts: int | None = None) -> lis
         if outtype not in types:
             raise UserError(f"configuration {spec!r}: outtype must be one of {', '.join(types)}")
         m = re.fullmatch(r"s(\d+)a(\d+)e(\d+)", active)
+        if method == "tomoe":  # trained to the fraction: top-1 of E masks (default 8)
+            if m:
+                raise UserError(f"configuration {spec!r}: tomoe takes an active fraction (its --budget), not SxAyEz")
+            out.append(Config(method, experts or 8, 0, 1, outtype, spec, budget=_fraction(active)))
+            if any((c.slug, c.outtype) == (out[-1].slug, outtype) for c in out[:-1]):
+                raise UserError(f"configuration {spec!r} is given twice")
+            continue
         if m:
             s, k, e = (int(g) for g in m.groups())
             if not (0 <= s < e and 1 <= k <= e - s):
@@ -256,8 +269,12 @@ def dense_gguf(model: str, outtype: str, work: Path, tools) -> tuple[Path, bool]
 
 
 # ---------------------------------------------------------------- MoE files
-def _opts_for(c: Config, args):
+def _opts_for(c: Config, args, work: Path | None = None):
     from .methods import MethodOptions
+    if c.method == "tomoe":  # its training state in the work folder: every outtype (and a rerun) reuses it
+        state = {"state": str(work / f"{c.slug}.tomoe-state.pt")} if work is not None else {}
+        return MethodOptions(experts=c.experts, shared=0, top_k=None, calib=args.calib, seed=args.seed,
+                             extra={"budget": c.budget, **state})
     extra = {}
     if c.method == "moefication":
         extra = {"split": args.split, "router": args.router or "similarity"}
@@ -293,7 +310,7 @@ class MoEFiles:
     def get(self, c: Config) -> tuple[Path, bool]:
         from .convert import make_plans, provenance, write_model_file
         from .methods import get_method
-        opts = _opts_for(c, self.args)
+        opts = _opts_for(c, self.args, self.work)
         if c.method != "mlpmoe" and not opts.calib:
             raise UserError(f"{c.method} needs calibration text: --calib FILE")
         get_method(c.method).validate(opts, self.ckpt.d_ff)
@@ -427,8 +444,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="HF model folder (not with --synthetic)")
     p.add_argument("--configs", required=True,
                    help="comma-separated METHOD:ACTIVE:OUTTYPE, e.g. 'mlpmoe:1:q8_0,cmoe:0.25:q4_0,"
-                        "moefication:50%%:q4_0' (synthetic: 'moe:0.25:q4_0'); the dense model at each outtype is "
-                        "added as the reference")
+                        "moefication:50%%:q4_0'; METHOD is one of mlpmoe, cmoe, moefication, finegrained, tomoe "
+                        "(tomoe: ACTIVE is its trained --budget, top-1 of --experts or 8 masks; about 15 min of "
+                        "training on a 135M model, kept in the work folder) (synthetic: 'moe:0.25:q4_0'); the dense "
+                        "model at each outtype is added as the reference")
     p.add_argument("--synthetic", choices=("1b", "7b", "tiny"), default=None,
                    help="SYNTHETIC random-weight models of a real shape, speed only: 1b = n_embd 2048, n_ff 8192, "
                         "16 layers, 16 heads; 7b = 4096/11008/32 layers/32 heads (tiny: tests)")

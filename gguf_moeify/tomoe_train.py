@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -218,7 +219,8 @@ def losses(tm: ToMoEModel, ids: torch.Tensor, gen: torch.Generator, noise: float
 
 
 def fingerprint(model_id: str, calib: str, opts: TrainOptions) -> str:
-    """What a saved state must match to be resumed (steps excluded: a run can be extended)."""
+    """What a saved state must match to be resumed. Steps are excluded: a finished run asked for fewer steps is
+    reused as it is, asked for more it is extended (the noise schedule then follows the new step count)."""
     keys = {k: v for k, v in asdict(opts).items() if k not in ("steps", "state")}
     blob = json.dumps({"model": model_id, "calib": calib, **keys}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -259,7 +261,6 @@ def train(tm: ToMoEModel, ids: torch.Tensor, fp: str, progress: bool = True) -> 
         tm.load_state_dict(saved["trainable"])
         optim.load_state_dict(saved["optim"])
         start, history, seconds = saved["step"], saved["history"], saved["seconds"]
-    import time
     bar = tqdm(range(start, opts.steps), desc="training ToMoE", unit="step", disable=not progress,
                initial=start, total=opts.steps)
     t0 = time.time() - seconds
@@ -273,8 +274,7 @@ def train(tm: ToMoEModel, ids: torch.Tensor, fp: str, progress: bool = True) -> 
         rec = {k: round(float(v.detach()), 5) for k, v in terms.items()}
         history.append(rec)
         bar.set_postfix(kl=f"{rec['kl']:.3f}", ratio=f"{rec['ratio']:.3f}", widest=f"{rec['widest']:.3f}",
-                        cover=f"{rec['cover']:.3f}",
-                        balance=f"{rec['balance']:.2f}")
+                        cover=f"{rec['cover']:.3f}", balance=f"{rec['balance']:.2f}")
         if state_path is not None and ((step + 1) % SAVE_EVERY == 0 or step + 1 == opts.steps):
             _save(state_path, {"fingerprint": fp, "step": step + 1, "trainable": tm.state_dict(),
                                "optim": optim.state_dict(), "history": history, "seconds": time.time() - t0})

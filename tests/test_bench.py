@@ -87,6 +87,11 @@ def test_config_syntax_and_fraction_mapping():
             parse_configs(bad, synthetic=False)
     with pytest.raises(UserError):
         parse_configs("cmoe:0.5:q4_0", synthetic=True)
+    (t,) = parse_configs("tomoe:25%:q4_0", synthetic=False)
+    assert (t.experts, t.top_k, t.active_fraction, t.slug) == (8, 1, 0.25, "tomoe-E8p0.25")
+    for bad in ("tomoe:S1A1E8:q4_0", "tomoe:0.5:q4_0,tomoe:50%:q4_0"):
+        with pytest.raises(UserError):
+            parse_configs(bad, synthetic=False)
 
 
 def test_user_errors_are_one_line(tmp_path, capsys):
