@@ -284,4 +284,5 @@ def train(tm: ToMoEModel, ids: torch.Tensor, fp: str, progress: bool = True) -> 
     last = history[-min(10, len(history)):] if history else []
     mean = {k: sum(r[k] for r in last) / len(last) for k in last[0]} if last else {}
     return {"steps": max(opts.steps, start), "resumed_at": start, "seconds": round(time.time() - t0, 1),
-            "final": {k: round(v, 5) for k, v in mean.items()}, "lr": opts.lr, "seqlen": opts.seqlen}
+            "final": {k: round(v, 5) for k, v in mean.items()}, "lr": opts.lr, "seqlen": opts.seqlen,
+            "budget": opts.budget, "budget_on": opts.budget_on, "seed": opts.seed}

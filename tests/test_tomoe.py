@@ -146,6 +146,9 @@ def test_tomoe_file_matches_torch_in_llama_cpp(tools, tiny_models, eval_excerpt,
     ckpt, adapter, plans = _write(tiny_models["llama"], lambda c, a: make_plans(c, a, "tomoe", opts, progress=False),
                                   out, opts)
     assert [p.top_k for p in plans] == [1, 1] and plans[0].router.kind == "linear"
+    # the file records the effective training options (defaults included), not only those given
+    run = plans[0].info["training"]
+    assert (run["budget"], run["budget_on"], run["steps"], run["seqlen"]) == (0.3, "widest", 30, 48)
     ref, cpp = _torch_and_llama_cpp(tools, out, ckpt, adapter, plans, eval_excerpt, tmp_path)
     assert relative_difference(ref.ppl, cpp.final_ppl) < 1e-3, (ref.ppl, cpp.final_ppl)
     full = tools.perplexity(out, eval_excerpt, ctx=CTX, chunks=CHUNKS, threads=2,
