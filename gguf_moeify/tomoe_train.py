@@ -8,8 +8,8 @@ Pieces (ToMoE, arXiv 2501.15316; METHODS.md):
 - ``MaskedMLP`` replaces each dense MLP: a linear router (d -> E, no bias) chooses one expert per token (hard
   Gumbel-softmax, straight-through, while training; argmax at inference) and the output is the dense SwiGLU with
   the chosen expert's mask on its neurons, no gate weighting. With ``teacher`` set it is the dense MLP.
-- Loss: KL(teacher || student) on next-token distributions + LAMBDA_RATIO * |log(R / p)| + LAMBDA_COVER * coverage (probability, under
-  the soft masks, that no expert of a layer keeps a neuron) + LAMBDA_BALANCE * Switch load balancing
+- Loss: KL(teacher || student) on next-token distributions + LAMBDA_RATIO * |log(R / p)| + LAMBDA_COVER *
+  coverage (probability, under the soft masks, that no expert of a layer keeps a neuron) + LAMBDA_BALANCE * Switch load balancing
   (E * sum_e f_e P_e). AdamW on the hypernetwork and routers only; the model's weights never change.
   R (``budget_on``): "tokens" is the paper's, the mean over tokens of the chosen expert's share of d_ff, which lets
   a layer keep one wide expert for the few tokens that need it; a GGUF pads every expert of a layer to its widest
@@ -233,9 +233,9 @@ def _save(path: Path, payload: dict) -> None:
 
 
 def step_window(ids: torch.Tensor, seqlen: int, seed: int, step: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    start = int(torch.randint(0, len(ids) - seqlen, (1,), generator=gen))
-    return ids[start:start + seqlen].unsqueeze(0)
+    """The (1, seqlen) training window of ``step``: calibration's window draw, seeded per step (resumable)."""
+    from .calibration import draw_windows
+    return draw_windows(ids, 1, seqlen, seed * 1_000_003 + step)
 
 
 def train(tm: ToMoEModel, ids: torch.Tensor, fp: str, progress: bool = True) -> dict:

@@ -8,7 +8,8 @@ data-free slice router, ``slice:METHOD`` with METHOD's E/S/K). Suffixes: ``@stoc
 llama.cpp (``--runtime stock``; the cell adds how often its router agrees with the original); ``+lora`` adds the
 ``--finetune lora`` recovery with its defaults (the cell shows the fine-tuned model, the training-free ratio next to
 it); ``:E<n>`` sets E (e.g. ``finegrained:linear:E24``). ``tomoe`` trains ToMoE with --budget = the column's fraction
-(``tomoe:tokens``: --budget-on tokens) and its default training options (the cell gives the training time and the file's active fraction with padding). Each column is an active fraction (25/50/75%), mapped to
+(``tomoe:tokens``: --budget-on tokens) and its default training options (the cell gives the training time and
+the file's active fraction with padding). Each column is an active fraction (25/50/75%), mapped to
 E/S/K as ``bench`` does
 (cmoe/slice: S2A2E16, S4A4E16, S6A6E16; moefication: S0A4E16, ...; finegrained: S4A8E48, S8A16E48, S12A24E48).
 A cell is ``ppl (ratio to dense)`` and, below it, the expert oracle (same experts, chosen per token by true output
