@@ -70,7 +70,8 @@ def _method_args(p: argparse.ArgumentParser) -> None:
                    help="patched: the plan exactly, for llama.cpp built with patches/ (unit gates, any router, "
                         "per-layer budgets); stock: a file unmodified llama.cpp runs (deepseek / llama-Mixtral / "
                         "qwen3moe layout, softmax gating with unit weights folded in, linear router fitted to "
-                        "non-linear ones; see README) (default: %(default)s)")
+                        "non-linear ones; tomoe: shared expert folded into the experts, layers padded to the "
+                        "widest; see README) (default: %(default)s)")
     t = p.add_argument_group("tomoe (trained masks and router; the model's weights stay frozen)")
     t.add_argument("--budget", type=float, default=None, metavar="P",
                    help="tomoe: target fraction of MLP neurons active per token (default: 0.5)")

@@ -103,6 +103,11 @@ def stockify(plan: MoEPlan, target: StockTarget, x: torch.Tensor | None, act=tor
         info.update(stock_eps=0.0, stock_weight_error_bound=0.0, stock_router_agreement=1.0)
         return replace(plan, router=router, gating="softmax", norm_weights=target.norm_weights, expert_scale=scale,
                        info=info)
+    if k == 1 and target.norm_weights and plan.router.kind == "linear":
+        # one chosen expert renormalised alone weighs p/p = 1 exactly: the unit-gate plan as it is, any router scale
+        info.update(stock_eps=1.0, stock_weight_error_bound=0.0, stock_router_agreement=1.0,
+                    stock_router_fitted=False)
+        return replace(plan, gating="softmax", norm_weights=True, expert_scale=1.0, info=info)
     if x is None:
         raise UserError("--runtime stock with routed experts needs calibration inputs to choose the router scale: "
                         "use a data-driven method (--calib), or the patched runtime")

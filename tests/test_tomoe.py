@@ -1,6 +1,7 @@
 """ToMoE: training lowers its loss and moves the active ratio toward the budget, resuming from a checkpoint takes the
 same steps as an uninterrupted run, the export is exactly the trained model at inference (hard masks, argmax
-routing) in the torch reference and in the patched llama.cpp."""
+routing) in the torch reference and in the patched llama.cpp, and its stock form computes the same in unmodified
+llama.cpp."""
 from __future__ import annotations
 
 import numpy as np
@@ -190,3 +191,50 @@ def test_per_layer_expert_widths_in_llama_cpp(tools, tiny_models, eval_excerpt, 
     assert gguf.GGUFReader(out).fields[f"{adapter.gguf_arch}.expert_feed_forward_length"].contents() == [64, 32]
     ref, cpp = _torch_and_llama_cpp(tools, out, ckpt, adapter, plans, eval_excerpt, tmp_path)
     assert relative_difference(ref.ppl, cpp.final_ppl) < 1e-3, (ref.ppl, cpp.final_ppl)
+
+
+@pytest.mark.parametrize("arch, stock_arch", [("llama", "llama"), ("qwen3", "qwen3moe")])
+def test_stock_file_computes_the_unit_gate_plans_in_unpatched_llama_cpp(stock_tools, tiny_models, eval_excerpt,
+                                                                         tmp_path, arch, stock_arch):
+    """--runtime stock: the shared expert folded into every expert and every layer padded to the widest, written as
+    a Mixtral-path llama / qwen3moe file. The torch model equals the unit-gate plans' (top-1 renormalised weighs
+    exactly 1) and unmodified llama.cpp equals torch."""
+    import gguf
+    from gguf_moeify.methods.tomoe import stock_plans
+    from test_llama_cpp_parity import _torch_and_llama_cpp, _write
+    rng = np.random.default_rng(1)
+    masks = torch.zeros(2, 4, 256, dtype=torch.bool)
+    masks[:, :, :40] = True   # in every expert: 32 of them become the shared expert
+    for e in range(4):        # layer 0: 40..70 more neurons an expert, layer 1: 10..40
+        masks[0, e, 40 + rng.choice(216, 40 + 10 * e, replace=False)] = True
+        masks[1, e, 40 + rng.choice(216, 10 + 10 * e, replace=False)] = True
+    ckpt = Checkpoint(tiny_models[arch])
+    routers = [torch.as_tensor(rng.standard_normal((4, ckpt.n_embd))) for _ in range(2)]
+    unit = plans_from_masks(masks, routers)
+    assert [p.shared_width for p in unit] == [32, 32] and [p.expert_width for p in unit] == [96, 64]
+    out = tmp_path / "stock.gguf"
+    ckpt, adapter, plans = _write(tiny_models[arch], lambda c, a: stock_plans(unit, a.name), out)
+    assert [(p.shared_width, p.expert_width, p.gating, p.norm_weights) for p in plans] == [(0, 128, "softmax", True)] * 2
+    fields = gguf.GGUFReader(out).fields
+    assert fields["general.architecture"].contents() == stock_arch
+    assert not any(k.endswith(("expert_weights_unit", "expert_router_type")) for k in fields)
+    tokens = torch.randint(0, ckpt.config["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for p in (unit, plans):
+        model, _ = load_dense(ckpt, tokenizer=False)
+        moeify_(model, adapter, p)
+        with torch.no_grad():
+            logits.append(model(input_ids=tokens, use_cache=False).logits)
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+    ref, cpp = _torch_and_llama_cpp(stock_tools, out, ckpt, adapter, plans, eval_excerpt, tmp_path)
+    assert relative_difference(ref.ppl, cpp.final_ppl) < 1e-3, (ref.ppl, cpp.final_ppl)
+
+
+def test_make_plans_for_the_stock_runtime(tiny_models):
+    opts = MethodOptions(experts=4, calib=str(TEXT), runtime="stock",
+                         extra={"budget": 0.3, "train_steps": 5, "seqlen": 48})
+    ckpt = Checkpoint(tiny_models["llama"])
+    plans = make_plans(ckpt, adapter_for(ckpt.config), "tomoe", opts, progress=False)
+    assert len({p.expert_width for p in plans}) == 1 and all(p.shared_width == 0 for p in plans)
+    assert all(p.gating == "softmax" and p.norm_weights and p.top_k == 1 for p in plans)
+    assert plans[0].info["training"]["steps"] == 5

@@ -22,12 +22,15 @@ Export to a MoEPlan (exactly the inference-time ToMoE model: hard masks ``logit 
   in the plan: ``active_fraction()`` counts padding (what the runtime computes) and ``info["active_ratio"]`` is
   ToMoE's own measure (neurons of the chosen expert per token, on one fixed calibration window).
 - the router is the trained linear router (``linear``: argmax of x W^T; top-1 of it is the same choice).
+- ``--runtime stock`` (``stock_plans``): the shared neurons folded into every expert and every layer padded to the
+  widest, for llama.cpp's Mixtral-path llama / qwen3moe graphs; the same computation, more padding.
 """
 from __future__ import annotations
 
 import hashlib
 import math
 import sys
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -58,8 +61,6 @@ def validate(opts: MethodOptions, d_ff: int) -> None:
         raise UserError(f"tomoe routes each token to one expert (top-1); --top-k {opts.top_k} is not available")
     if opts.layer_budget != "uniform":
         raise UserError("--layer-budget sensitivity does not apply to tomoe (its budget is trained: --budget)")
-    if opts.runtime != "patched":
-        raise UserError("--runtime stock is not available for tomoe yet; use the patched runtime")
     if opts.keep is not None or opts.variant != "slice":
         raise UserError("--variant/--keep apply to mlpmoe only")
     x = {**DEFAULTS, **opts.extra}
@@ -133,4 +134,24 @@ def plan_model(ckpt, adapter, opts: MethodOptions, progress: bool = True) -> lis
     info[0]["training"] = run
     plans = plans_from_masks(tm.hard_masks(), tm.router_weights(), info)
     del tm, model
-    return plans
+    return stock_plans(plans, adapter.name) if opts.runtime == "stock" else plans
+
+
+def stock_plans(plans: list[MoEPlan], adapter_name: str) -> list[MoEPlan]:
+    """The exported plans as unmodified llama.cpp runs them (``--runtime stock``). Its graphs for MoE files without a
+    shared expert (llama's Mixtral path, qwen3moe) read one expert width per file, and a shared expert would need
+    deepseek, whose shared width is a multiple of the expert width and whose gates are not renormalised. So the shared
+    neurons are folded into every expert and every layer's experts are padded with zero neurons to the widest layer;
+    top-1 of a softmax renormalised over the chosen expert weighs it exactly 1. The file computes what the unit-gate
+    plans compute, plus the padding (``active_fraction()`` counts it)."""
+    from ..stock import stock_form
+    width = max(p.shared_width + p.expert_width for p in plans)
+    out = []
+    for p in plans:
+        experts = np.full((p.n_experts, width), -1, dtype=np.int64)
+        experts[:, :p.shared_width] = p.shared
+        experts[:, p.shared_width:p.shared_width + p.expert_width] = p.experts
+        folded = replace(p, experts=experts, shared=np.zeros(0, dtype=np.int64),
+                         info={**p.info, "stock_folded_shared": p.shared_width})
+        out.append(stock_form(folded, adapter_name, None))
+    return out
