@@ -75,9 +75,11 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("tomoe (trained masks and router; the model's weights stay frozen)")
     t.add_argument("--budget", type=float, default=None, metavar="P",
                    help="tomoe: target fraction of MLP neurons active per token (default: 0.5)")
-    t.add_argument("--budget-on", default=None, choices=("widest", "tokens"),
+    t.add_argument("--budget-on", default=None, choices=("widest", "layer", "tokens"),
                    help="tomoe: what --budget limits: widest = per layer the widest expert, i.e. what the file "
-                        "computes per token (every expert of a layer is padded to its widest); tokens = the paper's "
+                        "computes per token (every expert of a layer is padded to its widest), averaged over layers; "
+                        "layer = the same in every layer on its own (one width for the whole file: use it with "
+                        "--runtime stock, whose files pad every layer to the widest); tokens = the paper's "
                         "mean size of the expert each token chooses (experts may then differ widely in size and the "
                         "file computes the widest) (default: widest)")
     t.add_argument("--train-steps", type=int, default=None,

@@ -16,6 +16,8 @@ Pieces (ToMoE, arXiv 2501.15316; METHODS.md):
   (one width per layer), so on SmolLM2 a "tokens" run at p = 0.25 computed 78% of the MLP per token in llama.cpp.
   "widest" (default) puts the budget on what the file computes, the mean over layers of each layer's widest expert:
   narrower experts are then free to grow to the widest (the KL favours it), so a layer's experts end equal in size.
+  "layer" holds each layer's widest expert to p on its own (the mean of the per-layer penalties), so layers end
+  about equally wide: what ``--runtime stock`` needs, whose files have one expert width (padded to the widest layer).
 - Resumable: the trainable state, the optimizer and the step are saved atomically every SAVE_EVERY steps; the
   windows and the Gumbel noise of step s are drawn from generators seeded with (seed, s), so a resumed run takes
   the same steps as an uninterrupted one.
@@ -50,8 +52,9 @@ SAVE_EVERY = 10
 class TrainOptions:
     experts: int = 8
     budget: float = 0.5           # target fraction p of d_ff neurons active per token
-    budget_on: str = "widest"     # "widest": each layer's widest expert (what a file computes); "tokens": the paper's
-                                  # mean over tokens of the chosen expert's size
+    # what the budget limits: "widest", each layer's widest expert (what a file computes), averaged over layers;
+    # "layer", the same in every layer; "tokens", the paper's mean over tokens of the chosen expert's size
+    budget_on: str = "widest"
     steps: int = 400
     lr: float = 5e-3
     seqlen: int = 256
@@ -197,6 +200,14 @@ class ToMoEModel:
         return self.model(input_ids=ids, use_cache=False).logits
 
 
+def budget_penalty(budget_on: str, budget: float, widest_per_layer: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """|log(R / p)| for the R that ``budget_on`` names; "layer" averages the per-layer penalties, so no layer can
+    pay for another (one width for the whole file)."""
+    if budget_on == "layer":
+        return torch.abs(torch.log(widest_per_layer / budget)).mean()
+    return torch.abs(torch.log((widest_per_layer.mean() if budget_on == "widest" else ratio) / budget))
+
+
 def losses(tm: ToMoEModel, ids: torch.Tensor, gen: torch.Generator, noise: float = 1.0) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         tm.set_mode(teacher=True)
@@ -208,12 +219,13 @@ def losses(tm: ToMoEModel, ids: torch.Tensor, gen: torch.Generator, noise: float
     kl = (teacher.exp() * (teacher - student)).sum(-1).mean()
     ratio = torch.stack([m.record["active"] for m in tm.layers]).mean()
     # what a file computes per token: in each layer the widest expert (narrower ones are padded to it)
-    widest = (masks_st.sum(-1).amax(-1) / masks_st.shape[-1]).mean()
+    widest_per_layer = masks_st.sum(-1).amax(-1) / masks_st.shape[-1]
+    widest = widest_per_layer.mean()
     soft = torch.sigmoid(logits)
     cover = torch.prod(1 - soft, dim=1).mean()
     n_exp = tm.opts.experts
     balance = torch.stack([n_exp * (m.record["load"] * m.record["prob"]).sum() for m in tm.layers]).mean()
-    penalty = torch.abs(torch.log((widest if tm.opts.budget_on == "widest" else ratio) / tm.opts.budget))
+    penalty = budget_penalty(tm.opts.budget_on, tm.opts.budget, widest_per_layer, ratio)
     total = kl + LAMBDA_RATIO * penalty + LAMBDA_COVER * cover + LAMBDA_BALANCE * balance
     return {"loss": total, "kl": kl, "ratio": ratio, "widest": widest, "cover": cover, "balance": balance}
 

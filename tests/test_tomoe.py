@@ -18,18 +18,18 @@ from gguf_moeify.methods import MethodOptions
 from gguf_moeify.methods.tomoe import PAD, plans_from_masks
 from gguf_moeify.moe_torch import MoEMLP
 from gguf_moeify.reference import load_dense, moeify_
-from gguf_moeify.tomoe_train import ToMoEModel, TrainOptions, fingerprint, step_window, train
+from gguf_moeify.tomoe_train import ToMoEModel, TrainOptions, budget_penalty, fingerprint, step_window, train
 
 from conftest import ROOT
 
 TEXT = ROOT / "tests" / "data" / "austen_prideprejudice_excerpt.txt"
 
 
-def _trained(model_dir, steps: int, budget: float = 0.25, state=None, experts: int = 4):
+def _trained(model_dir, steps: int, budget: float = 0.25, state=None, experts: int = 4, budget_on: str = "widest"):
     ckpt = Checkpoint(model_dir)
     adapter = adapter_for(ckpt.config)
     model, _ = load_dense(ckpt, tokenizer=False)
-    opts = TrainOptions(experts=experts, budget=budget, steps=steps, seqlen=48, seed=3,
+    opts = TrainOptions(experts=experts, budget=budget, budget_on=budget_on, steps=steps, seqlen=48, seed=3,
                         state=None if state is None else str(state))
     tm = ToMoEModel(model, adapter, ckpt.n_layers, opts)
     ids = tokenize_text(ckpt.path, str(TEXT))
@@ -52,6 +52,22 @@ def test_training_lowers_loss_and_moves_ratio_to_budget(tiny_models):
     assert abs(after - 0.25) < 0.5 * abs(before - 0.25), (before, after)
     losses = [step["loss"] for step in tm.history]
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10]), (losses[:10], losses[-10:])
+
+
+@pytest.mark.parametrize("budget_on", ["widest", "layer"])
+def test_budget_on_the_widest_expert(tiny_models, budget_on):
+    """``widest`` holds the mean over layers of each layer's widest expert to the budget, ``layer`` each layer's."""
+    _, _, tm, _, _ = _trained(tiny_models["llama"], 60, budget=0.25, budget_on=budget_on)
+    masks = tm.hard_masks()
+    widest = (masks.sum(-1).amax(-1) / masks.shape[-1]).tolist()
+    assert abs(np.mean(widest) - 0.25) < 0.1, widest
+    if budget_on == "layer":
+        assert max(abs(w - 0.25) for w in widest) < 0.1, widest
+    # one wide and one narrow layer meet the budget on average, not in each layer
+    unequal, ratio = torch.tensor([0.4, 0.1]), torch.tensor(0.25)
+    penalty = budget_penalty(budget_on, 0.25, unequal, ratio)
+    assert (penalty > 0.3) if budget_on == "layer" else penalty.abs() < 1e-6, penalty
+    assert budget_penalty("tokens", 0.25, unequal, ratio).abs() < 1e-6
 
 
 def test_resume_takes_the_same_steps(tiny_models, tmp_path, monkeypatch):
@@ -214,7 +230,8 @@ def test_stock_file_computes_the_unit_gate_plans_in_unpatched_llama_cpp(stock_to
     assert [p.shared_width for p in unit] == [32, 32] and [p.expert_width for p in unit] == [96, 64]
     out = tmp_path / "stock.gguf"
     ckpt, adapter, plans = _write(tiny_models[arch], lambda c, a: stock_plans(unit, a.name), out)
-    assert [(p.shared_width, p.expert_width, p.gating, p.norm_weights) for p in plans] == [(0, 128, "softmax", True)] * 2
+    shapes = [(p.shared_width, p.expert_width, p.gating, p.norm_weights) for p in plans]
+    assert shapes == [(0, 128, "softmax", True)] * 2
     fields = gguf.GGUFReader(out).fields
     assert fields["general.architecture"].contents() == stock_arch
     assert not any(k.endswith(("expert_weights_unit", "expert_router_type")) for k in fields)

@@ -43,7 +43,7 @@ NAME = "tomoe"
 needs_calibration = True
 PAD = 32
 DEFAULTS = {"budget": 0.5, "budget_on": "widest", "train_steps": 400, "lr": 5e-3, "seqlen": 256}
-BUDGET_ON = ("widest", "tokens")
+BUDGET_ON = ("widest", "layer", "tokens")
 
 
 def default_experts(d_ff: int) -> int:
