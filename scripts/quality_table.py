@@ -46,11 +46,12 @@ def row_options(row: str, fraction: float, args) -> tuple[str, MethodOptions]:
     # a trailing ``:E<n>`` sets the number of experts (e.g. finegrained:linear:E24: 64-neuron experts on SmolLM2)
     experts = int(parts.pop()[1:]) if len(parts) > 1 and re.fullmatch(r"[Ee]\d+", parts[-1]) else None
     if name == "tomoe":  # trained to the fraction (--budget), top-1 of E experts (default 8); tomoe:tokens: the
-        # paper's per-token budget (--budget-on tokens); tomoe+lora fine-tunes the tomoe row's training (same state)
+        # paper's per-token budget (--budget-on tokens); tomoe+lora and tomoe@stock reuse the tomoe row's training
         budget_on = parts[1] if len(parts) > 1 else "widest"
-        state = Path(args.out) / f"{row.split('+')[0]}-{fraction}.tomoe-state.pt"
+        state = Path(args.out) / f"{row.split('+')[0].split('@')[0]}-{fraction}.tomoe-state.pt"
         return method, MethodOptions(experts=experts or 8, shared=0, top_k=None, calib=args.calib, seed=args.seed,
-                                     extra={"budget": fraction, "budget_on": budget_on, "state": str(state)})
+                                     runtime=runtime, extra={"budget": fraction, "budget_on": budget_on,
+                                                             "state": str(state)})
     # slice:METHOD takes METHOD's SxAyEz (e.g. slice:moefication: no shared slice), plain slice CMoE's
     e, s, k = map_fraction(parts[1] if name == "slice" and len(parts) > 1 else method, fraction, experts)
     extra = {}
