@@ -81,7 +81,7 @@ def _method_args(p: argparse.ArgumentParser) -> None:
                         "layer = the same in every layer on its own (one width for the whole file: use it with "
                         "--runtime stock, whose files pad every layer to the widest); tokens = the paper's "
                         "mean size of the expert each token chooses (experts may then differ widely in size and the "
-                        "file computes the widest) (default: widest)")
+                        "file computes the widest) (default: widest; layer with --runtime stock)")
     t.add_argument("--train-steps", type=int, default=None,
                    help="tomoe: optimizer steps, one window of --seqlen calibration tokens each (default: 400)")
     t.add_argument("--lr", type=float, default=None, help="tomoe: AdamW learning rate (default: 5e-3)")

@@ -254,4 +254,5 @@ def test_make_plans_for_the_stock_runtime(tiny_models):
     plans = make_plans(ckpt, adapter_for(ckpt.config), "tomoe", opts, progress=False)
     assert len({p.expert_width for p in plans}) == 1 and all(p.shared_width == 0 for p in plans)
     assert all(p.gating == "softmax" and p.norm_weights and p.top_k == 1 for p in plans)
-    assert plans[0].info["training"]["steps"] == 5
+    # a stock file has one expert width, so by default the budget holds in every layer
+    assert plans[0].info["training"]["steps"] == 5 and plans[0].info["training"]["budget_on"] == "layer"

@@ -50,6 +50,13 @@ def default_experts(d_ff: int) -> int:
     return 8
 
 
+def options(opts: MethodOptions) -> dict:
+    """The tomoe options with their defaults. A stock file has one expert width (every layer padded to the widest),
+    so with ``--runtime stock`` the budget holds in every layer (``layer``) unless ``--budget-on`` says otherwise."""
+    defaults = {**DEFAULTS, "budget_on": "layer" if opts.runtime == "stock" else DEFAULTS["budget_on"]}
+    return {**defaults, **opts.extra}
+
+
 def validate(opts: MethodOptions, d_ff: int) -> None:
     from ..calibration import check_calib_options
     check_calib_options(opts, NAME)
@@ -63,7 +70,7 @@ def validate(opts: MethodOptions, d_ff: int) -> None:
         raise UserError("--layer-budget sensitivity does not apply to tomoe (its budget is trained: --budget)")
     if opts.keep is not None or opts.variant != "slice":
         raise UserError("--variant/--keep apply to mlpmoe only")
-    x = {**DEFAULTS, **opts.extra}
+    x = options(opts)
     if not 0 < x["budget"] <= 1:
         raise UserError(f"--budget must be in (0, 1], got {x['budget']}")
     if x["budget_on"] not in BUDGET_ON:
@@ -78,7 +85,7 @@ def validate(opts: MethodOptions, d_ff: int) -> None:
 
 def train_options(opts: MethodOptions, max_positions: int | None = None):
     from ..tomoe_train import TrainOptions
-    x = {**DEFAULTS, **opts.extra}
+    x = options(opts)
     seqlen = min(int(x["seqlen"]), max_positions or int(x["seqlen"]))
     return TrainOptions(experts=opts.experts, budget=float(x["budget"]), budget_on=x["budget_on"],
                         steps=int(x["train_steps"]),
