@@ -108,8 +108,8 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     f = p.add_argument_group("recovery fine-tuning (optional, CMoE's recipe)")
     f.add_argument("--finetune", default="none", choices=("none", "lora"),
                    help="after conversion, LoRA on every linear layer (attention and each expert) of the torch "
-                        "model, next-token loss, router frozen; merged into the weights before writing "
-                        "(default: %(default)s)")
+                        "model, trained on --finetune-loss (router frozen unless --finetune-router); merged into "
+                        "the weights before writing (default: %(default)s)")
     f.add_argument("--finetune-data", default=None, metavar="FILE|DIR|wikitext2",
                    help="fine-tuning text (default: the --calib text; held-out windows from its last eighth)")
     f.add_argument("--finetune-samples", type=int, default=128,
@@ -122,6 +122,14 @@ def _method_args(p: argparse.ArgumentParser) -> None:
                    help="LoRA scale alpha (update = alpha/r * B A) (default: %(default)s)")
     f.add_argument("--finetune-lr", type=float, default=2e-4,
                    help="AdamW learning rate, decayed linearly to 0 (default: %(default)s)")
+    f.add_argument("--finetune-loss", default="lm", choices=("lm", "kd"),
+                   help="lm: next-token cross-entropy on the text (CMoE's); kd: distil the dense model, KL(dense || "
+                        "MoE) per token, the teacher being the converted model with every expert on and no update "
+                        "(so no second copy; needs a plan that keeps every neuron once: cmoe, moefication, "
+                        "finegrained, mlpmoe slice) (default: %(default)s)")
+    f.add_argument("--finetune-router", action="store_true",
+                   help="train the router too, through the hard top-k with a straight-through estimator (the "
+                        "file keeps unit weights; unchosen experts get a gradient); default: router frozen")
     g.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="working precision for reading and computing (default: %(default)s)")
 
@@ -171,7 +179,8 @@ def _lora(args):
     from .finetune import LoRAOptions
     return LoRAOptions(rank=args.finetune_rank, alpha=args.finetune_alpha, lr=args.finetune_lr,
                        steps=args.finetune_steps, samples=args.finetune_samples, seqlen=args.finetune_seqlen,
-                       data=args.finetune_data, seed=args.seed)
+                       data=args.finetune_data, seed=args.seed, loss=args.finetune_loss,
+                       train_router=args.finetune_router)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,8 +15,10 @@ in place, the model holds the fine-tuned weights once and they are handed to the
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -24,6 +26,7 @@ from tqdm import tqdm
 from .errors import UserError
 from .moe_torch import MoEMLP
 
+LOSSES = ("lm", "kd")
 EXPERT_KEYS = ("gate_exps", "up_exps", "down_exps", "gate_shexp", "up_shexp", "down_shexp")
 
 
@@ -37,6 +40,9 @@ class LoRAOptions:
     seqlen: int = 512
     data: str | None = None       # None: the calibration text
     seed: int = 0
+    loss: str = "lm"              # "lm": next-token cross-entropy; "kd": KL(dense || MoE), the teacher being the
+    #                               same model with every expert on and no update (needs a plan keeping each neuron)
+    train_router: bool = False    # also train the router, through the hard top-k (straight-through)
 
     def check(self, calib: str | None) -> None:
         """Cheap checks before any work (``calib``: the --calib text, the default fine-tuning text)."""
@@ -50,6 +56,8 @@ class LoRAOptions:
             raise UserError(f"--finetune-steps must be >= 1, got {self.steps}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise UserError(f"--finetune-lr must be a positive number, got {self.lr}")
+        if self.loss not in LOSSES:
+            raise UserError(f"--finetune-loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if not self.alpha > 0:
             raise UserError(f"--finetune-alpha must be > 0, got {self.alpha}")
         if self.data is not None:
@@ -79,8 +87,11 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.delta = LowRankDelta(tuple(base.weight.shape), rank, alpha, gen)
+        self.enabled = True   # off while the model serves as its own distillation teacher
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base(x)
         d = self.delta
         return self.base(x) + ((x.to(d.A.dtype) @ d.A.t()) @ d.B.t() * d.scale).to(x.dtype)
 
@@ -91,8 +102,8 @@ class LoRALinear(nn.Module):
 
 
 def attach_lora(model, layer_modules: list[nn.Module], opts: LoRAOptions) -> list[nn.Parameter]:
-    """Freeze the model; add LoRA to every nn.Linear and every MoEMLP expert tensor inside the decoder layers.
-    Returns the trainable parameters."""
+    """Freeze the model; add LoRA to every nn.Linear and every MoEMLP expert tensor inside the decoder layers
+    (and make the routers trainable with ``train_router``). Returns the trainable parameters."""
     gen = torch.Generator().manual_seed(opts.seed)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -106,6 +117,8 @@ def attach_lora(model, layer_modules: list[nn.Module], opts: LoRAOptions) -> lis
             for key in EXPERT_KEYS:
                 if hasattr(moe, key):
                     moe.deltas[key] = LowRankDelta(tuple(getattr(moe, key).shape), opts.rank, opts.alpha, gen)
+            if opts.train_router:
+                moe.trainable_router()
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -121,18 +134,63 @@ def merge_lora(layer_modules: list[nn.Module]) -> None:
             for key in list(moe.deltas):
                 getattr(moe, key).add_(moe.deltas[key]().to(getattr(moe, key).dtype))
                 del moe.deltas[key]
+            moe.freeze_router()
+
+
+def keeps_every_neuron_once(plan) -> bool:
+    """True when all experts on with weight 1 is the dense MLP: each neuron in exactly one expert (or the shared
+    one), unscaled. Distillation (``--finetune-loss kd``) takes its teacher from such a plan."""
+    used = np.concatenate([plan.shared, plan.experts[plan.experts >= 0]])
+    return plan.neuron_scale is None and used.size == plan.d_ff and np.unique(used).size == plan.d_ff
+
+
+@contextmanager
+def as_teacher(model):
+    """The model with every expert on and no LoRA update: the dense model, for plans that keep every neuron."""
+    moes = [m for m in model.modules() if isinstance(m, MoEMLP)]
+    loras = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in moes:
+        m.teacher = True
+    for m in loras:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in moes:
+            m.teacher = False
+        for m in loras:
+            m.enabled = True
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    return logits.reshape(-1, logits.shape[-1])
 
 
 def _loss(model, ids: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    return nn.functional.cross_entropy(_logits(model, ids), ids[:, 1:].reshape(-1))
+
+
+def _kd_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """Mean per-token KL(teacher || model), the teacher being the dense model inside the MoE one."""
+    with torch.no_grad(), as_teacher(model):
+        teacher = nn.functional.log_softmax(_logits(model, ids), dim=-1)
+    student = nn.functional.log_softmax(_logits(model, ids), dim=-1)
+    return nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
 def train_lora(model, layer_modules: list[nn.Module], train: torch.Tensor, held: torch.Tensor, opts: LoRAOptions,
                progress: bool = True) -> dict:
     """Fine-tune LoRA updates on the ``train`` windows (N, L) and merge the state with the lowest loss on the
     ``held`` windows into the model. Returns the figures of the run (losses, steps, trainable parameter count)."""
+    if opts.loss == "kd":
+        bad = [m.plan.layer for m in model.modules() if isinstance(m, MoEMLP) and not keeps_every_neuron_once(m.plan)]
+        if bad:
+            raise UserError(f"--finetune-loss kd needs plans that keep every dense neuron exactly once (layer "
+                            f"{bad[0]} drops, duplicates or rescales neurons); use --finetune-loss lm")
+    train_loss = _kd_loss if opts.loss == "kd" else _loss
     params = attach_lora(model, layer_modules, opts)
+    initial = [p.detach().clone() for p in params]
     steps = opts.steps or len(train)
     optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 1.0 - s / steps)  # linear decay to 0
@@ -153,7 +211,7 @@ def train_lora(model, layer_modules: list[nn.Module], train: torch.Tensor, held:
         if step and step % len(train) == 0:
             perm = torch.randperm(len(train), generator=order)
         model.train()
-        loss = _loss(model, train[perm[step % len(train)]].unsqueeze(0))
+        loss = train_loss(model, train[perm[step % len(train)]].unsqueeze(0))
         optim.zero_grad(set_to_none=True)
         loss.backward()
         optim.step()
@@ -167,19 +225,15 @@ def train_lora(model, layer_modules: list[nn.Module], train: torch.Tensor, held:
             bar.set_postfix(train=f"{sum(train_losses[-every:]) / len(train_losses[-every:]):.3f}",
                             held_out=f"{h:.3f}")
     bar.close()
-    with torch.no_grad():
-        if best_state is None:  # never better than the start: drop the update (B back to zero is the start)
-            for m in (m for m in model.modules() if isinstance(m, LowRankDelta)):
-                m.B.zero_()
-        else:
-            for p, v in zip(params, best_state):
-                p.copy_(v)
+    with torch.no_grad():  # never better than the start: back to the start (B = 0, the original routers)
+        for p, v in zip(params, best_state or initial):
+            p.copy_(v)
     merge_lora(layer_modules)
     model.eval()
     return {"held_out_loss_start": start, "held_out_loss_best": best, "best_step": best_step, "steps": steps,
             "train_windows": len(train), "held_out_windows": len(held), "seqlen": int(train.shape[1]),
             "trainable_params": sum(p.numel() for p in params), "rank": opts.rank, "alpha": opts.alpha,
-            "lr": opts.lr}
+            "lr": opts.lr, "loss": opts.loss, "train_router": opts.train_router}
 
 
 def finetuned_overrides(model, adapter, n_layers: int) -> dict[str, torch.Tensor]:

@@ -45,6 +45,10 @@ class MoEMLP(nn.Module):
         # trainable low-rank updates of expert tensors (finetune.py; empty otherwise): name -> module whose call
         # returns a tensor shaped like the buffer it is added to
         self.deltas = nn.ModuleDict()
+        # fine-tuning modes (finetune.py). teacher: every expert, without updates, unit weights (the dense MLP when
+        # the plan keeps each neuron once); router_ste: a trainable router learns through the hard top-k
+        self.teacher = False
+        self.router_ste = False
 
     def weight(self, name: str) -> torch.Tensor:
         """An expert tensor as the forward pass uses it: the buffer plus its fine-tuning update, if any."""
@@ -55,6 +59,42 @@ class MoEMLP(nn.Module):
         w = w or {n: getattr(self, n) for n in ("gate_exps", "up_exps", "down_exps")}
         h = self.act(x @ w["gate_exps"][e].t()) * (x @ w["up_exps"][e].t())
         return h @ w["down_exps"][e].t()
+
+    def trainable_router(self) -> list[nn.Parameter]:
+        """Make the router's tensors parameters (trained through the top-k by a straight-through estimator)."""
+        self.router = nn.ParameterDict({k: nn.Parameter(v.detach().clone()) for k, v in self.router.items()})
+        self.router_ste = True
+        return list(self.router.values())
+
+    @torch.no_grad()
+    def freeze_router(self) -> None:
+        """Back to plain router tensors; the trained values go into the plan, which the GGUF writer reads."""
+        if not isinstance(self.router, nn.ParameterDict):
+            return
+        tensors = {k: v.detach().clone() for k, v in self.router.items()}
+        del self.router
+        self.router, self.router_ste = tensors, False
+        self.plan.router.tensors = {k: v.float().numpy() for k, v in tensors.items()}
+
+    def _all_experts(self, x: torch.Tensor, w: dict) -> torch.Tensor:
+        """(T, E, d): every routed expert's output for every row of x."""
+        n_exp, width, d = w["gate_exps"].shape
+        h = self.act(x @ w["gate_exps"].reshape(-1, d).t()) * (x @ w["up_exps"].reshape(-1, d).t())
+        return torch.einsum("tef,edf->ted", h.view(-1, n_exp, width), w["down_exps"])
+
+    def _straight_through(self, x: torch.Tensor, w: dict) -> torch.Tensor:
+        """Unit-gate forward with a gradient for the router: the value is the hard top-k sum (the file's
+        semantics), the backward pass sees each expert weighted by sigmoid((score - threshold) / spread), the
+        threshold halfway between the k-th and (k+1)-th score, so unchosen experts get a gradient too."""
+        scores = router_scores(self.router_kind, self.router, x, self.act)
+        k, n_exp = self.top_k, scores.shape[-1]
+        top = torch.topk(scores.detach(), min(k + 1, n_exp), dim=-1)
+        thr = top.values[:, k - 1:k] if k == n_exp else (top.values[:, k - 1:k] + top.values[:, k:k + 1]) / 2
+        spread = scores.detach().std(dim=-1, keepdim=True).clamp(min=1e-6)
+        soft = torch.sigmoid((scores - thr) / spread)
+        hard = torch.zeros_like(scores).scatter_(1, top.indices[:, :k], 1.0)
+        gates = hard + (soft - soft.detach())
+        return torch.einsum("te,ted->td", gates.to(x.dtype), self._all_experts(x, w))
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
         """(T, top_k) indices of the chosen experts for each row of x."""
@@ -99,13 +139,21 @@ class MoEMLP(nn.Module):
         x = x.reshape(-1, shape[-1])
         if self.oracle == "neuron":
             return self._neuron_oracle(x).reshape(shape)
-        w = {n: self.weight(n) for n in ("gate_exps", "up_exps", "down_exps")}
-        out = torch.zeros_like(x)
+        # the teacher reads the stored weights; otherwise each tensor with its fine-tuning update, if any
+        names = ("gate_exps", "up_exps", "down_exps") + (("gate_shexp", "up_shexp", "down_shexp")
+                                                         if self.has_shared else ())
+        w = {n: getattr(self, n) if self.teacher else self.weight(n) for n in names}
         n_exp = self.gate_exps.shape[0]
-        if self.top_k == n_exp and self.plan.gating == "unit":
+        if self.teacher:  # every expert with weight 1 (a stock plan's folded expert scale undone)
+            out = self._all_experts(x, w).sum(1) / self.plan.expert_scale
+        elif self.router_ste and self.plan.gating == "unit" and torch.is_grad_enabled():
+            out = self._straight_through(x, w)
+        elif self.top_k == n_exp and self.plan.gating == "unit":
+            out = torch.zeros_like(x)
             for e in range(n_exp):
                 out += self._expert(e, x, w)
         else:
+            out = torch.zeros_like(x)
             idx, weights = self.select_weighted(x)
             gates = torch.zeros(x.shape[0], n_exp, dtype=x.dtype, device=x.device)
             gates.scatter_(1, idx, 1.0 if weights is None else weights)
@@ -116,6 +164,5 @@ class MoEMLP(nn.Module):
                     y = self._expert(e, x[rows], w)
                     out.index_add_(0, rows, y if weights is None else y * gates[rows, e].unsqueeze(-1))
         if self.has_shared:
-            gate, up, down = (self.weight(n) for n in ("gate_shexp", "up_shexp", "down_shexp"))
-            out += (self.act(x @ gate.t()) * (x @ up.t())) @ down.t()
+            out = out + (self.act(x @ w["gate_shexp"].t()) * (x @ w["up_shexp"].t())) @ w["down_shexp"].t()
         return out.reshape(shape)

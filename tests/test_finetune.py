@@ -108,3 +108,91 @@ def test_cli_finetune_writes_a_file_with_the_run_in_its_provenance(tiny_models, 
     field = gguf.GGUFReader(out).get_field("gguf_moeify.provenance")
     prov = json.loads(bytes(field.parts[field.data[0]]).decode())
     assert prov["finetune"]["method"] == "lora" and prov["finetune"]["steps"] == 3
+
+
+def _finegrained_model(model_dir):
+    ckpt = Checkpoint(model_dir)
+    adapter = adapter_for(ckpt.config)
+    opts = MethodOptions(experts=8, shared=2, top_k=2, calib=str(TEXT), calib_samples=2, calib_seqlen=48)
+    plans = make_plans(ckpt, adapter, "finegrained", opts, progress=False)
+    model, _ = load_dense(ckpt, tokenizer=False)
+    return ckpt, adapter, plans, model
+
+
+def test_the_distillation_teacher_is_the_dense_model_and_lora_leaves_it_alone(tiny_models):
+    from gguf_moeify.finetune import as_teacher, keeps_every_neuron_once
+    ckpt, adapter, plans, model = _finegrained_model(tiny_models["llama"])
+    assert all(keeps_every_neuron_once(p) for p in plans)
+    ids = torch.randint(0, ckpt.config["vocab_size"], (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+        moeify_(model, adapter, plans)
+        routed = model(input_ids=ids).logits
+        attach_lora(model, decoder_layers(model, adapter, ckpt.n_layers), LoRAOptions(rank=4))
+        for m in model.modules():
+            if isinstance(m, LowRankDelta):
+                m.B.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        with as_teacher(model):
+            teacher = model(input_ids=ids).logits
+        tuned = model(input_ids=ids).logits
+    assert (routed - dense).abs().max() > 1e-2 and (tuned - routed).abs().max() > 1e-2
+    assert torch.allclose(teacher, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_kd_refuses_plans_that_drop_neurons(tiny_models):
+    from gguf_moeify.errors import UserError
+    from gguf_moeify.finetune import keeps_every_neuron_once
+    ckpt, adapter, plans, model = _finegrained_model(tiny_models["llama"])
+    plans[1].experts = plans[1].experts.copy()
+    plans[1].experts[0, 0] = -1        # one neuron dropped (as pruning or ToMoE's unused neurons do)
+    assert keeps_every_neuron_once(plans[0]) and not keeps_every_neuron_once(plans[1])
+    moeify_(model, adapter, plans)
+    with pytest.raises(UserError, match="layer 1 drops"):
+        finetune_lora(model, ckpt, adapter, None, LoRAOptions(steps=1, samples=2, seqlen=16, data=str(TEXT),
+                                                             loss="kd"), progress=False)
+
+
+def test_straight_through_router_keeps_the_hard_forward_and_gets_gradients():
+    from gguf_moeify.plan import MoEPlan, Router
+    gen = torch.Generator().manual_seed(0)
+    d, d_ff = 16, 64
+    gate, up, down = torch.randn(d_ff, d, generator=gen), torch.randn(d_ff, d, generator=gen), \
+        torch.randn(d, d_ff, generator=gen)
+    plan = MoEPlan(layer=0, d_ff=d_ff, experts=np.arange(48).reshape(6, 8), top_k=2, shared=np.arange(48, 64),
+                   router=Router("linear", {"weight": np.random.default_rng(0).normal(size=(6, d))}))
+    moe = MoEMLP(plan, gate, up, down)
+    x = torch.randn(40, d, generator=gen)
+    with torch.no_grad():
+        hard = moe(x)
+    params = moe.trainable_router()
+    out = moe(x)
+    assert torch.allclose(out, hard, atol=1e-5, rtol=1e-5)     # the value is the file's hard top-k sum
+    out.square().sum().backward()
+    grad = params[0].grad
+    assert grad is not None and bool((grad.abs().sum(1) > 0).all())   # every expert's row learns, chosen or not
+    with torch.no_grad():
+        params[0].add_(torch.randn(6, d, generator=gen))
+    moe.freeze_router()
+    assert isinstance(moe.router["weight"], torch.Tensor) and not moe.router["weight"].requires_grad
+    assert np.array_equal(plan.router.tensors["weight"], moe.router["weight"].numpy())  # the writer sees it
+
+
+def test_kd_with_router_training_lowers_held_out_loss_and_writes_the_trained_router(tiny_models, tmp_path):
+    import gguf
+    from gguf_moeify.gguf_writer import write_gguf
+    from gguf_moeify.finetune import finetuned_overrides
+    ckpt, adapter, plans, model = _finegrained_model(tiny_models["llama"])
+    before = plans[1].router.tensors["weight"].copy()
+    moeify_(model, adapter, plans)
+    opts = LoRAOptions(rank=4, lr=1e-2, steps=24, samples=9, seqlen=64, data=str(TEXT), loss="kd",
+                       train_router=True)
+    info = finetune_lora(model, ckpt, adapter, None, opts, progress=False)
+    assert info["loss"] == "kd" and info["train_router"]
+    assert info["held_out_loss_best"] < info["held_out_loss_start"] - 0.05, info
+    after = plans[1].router.tensors["weight"]
+    assert np.abs(after - before).max() > 1e-4
+    out = tmp_path / "kd.gguf"
+    write_gguf(out, ckpt, adapter, plans, "f32", {"test": True}, progress=False,
+               overrides=finetuned_overrides(model, adapter, ckpt.n_layers))
+    tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(out).tensors}
+    assert np.array_equal(tensors["blk.1.ffn_gate_inp.weight"], after)
