@@ -3,14 +3,21 @@
 Recipe (CMoE, METHODS.md): LoRA of rank r on every linear layer of the converted model (attention q/k/v/o and every
 expert's gate/up/down, the shared expert's too; one low-rank pair per routed expert), next-token cross-entropy on
 calibration-style text, AdamW, one pass over the training windows by default. Everything else is frozen: embeddings,
-norms, output head and the router (its top-k choice has no gradient, and the unit gates leave it nothing to scale;
-CMoE's load-balancing bias only matters for the trainable gate scale, which the unit-gate file format does not have).
+norms, output head and, by default, the router (CMoE's load-balancing bias only matters for the trainable gate
+scale, which the unit-gate file format does not have).
+
+Two options of ours. ``loss="kd"`` distils the dense model instead (per-token KL(dense || MoE)): when the plan keeps
+every neuron exactly once, the converted model with every expert on and the LoRA updates off *is* the dense model,
+so the teacher costs a forward pass and no second copy. ``train_router`` makes the router's tensors trainable
+through the hard top-k with a straight-through estimator (``MoEMLP._straight_through``): the forward value stays
+the file's unit-weight top-k sum, the gradient reaches every expert's score.
 
 The windows come from ``--finetune-data`` (default: the calibration text), drawn with seed+1 so they are not the
 calibration windows; 1 in 8 (at least one) is held out, drawn from the last eighth of the text that training never
-sees; the held-out loss is measured every fifth of the run and the LoRA state with the lowest held-out loss is the
-one merged (early stopping). After merging, W <- W + (alpha/r) B A
-in place, the model holds the fine-tuned weights once and they are handed to the GGUF writer as overrides.
+sees; the held-out loss (cross-entropy, whatever the training loss) is measured every fifth of the run and the
+state with the lowest held-out loss is the one merged (early stopping). After merging, W <- W + (alpha/r) B A
+in place, the model holds the fine-tuned weights once and they are handed to the GGUF writer as overrides; a
+trained router goes into the plans, which the writer reads.
 """
 from __future__ import annotations
 
@@ -183,8 +190,9 @@ def train_lora(model, layer_modules: list[nn.Module], train: torch.Tensor, held:
                progress: bool = True) -> dict:
     """Fine-tune LoRA updates on the ``train`` windows (N, L) and merge the state with the lowest loss on the
     ``held`` windows into the model. Returns the figures of the run (losses, steps, trainable parameter count)."""
+    moes = [m for m in model.modules() if isinstance(m, MoEMLP)]
     if opts.loss == "kd":
-        bad = [m.plan.layer for m in model.modules() if isinstance(m, MoEMLP) and not keeps_every_neuron_once(m.plan)]
+        bad = [m.plan.layer for m in moes if not keeps_every_neuron_once(m.plan)]
         if bad:
             raise UserError(f"--finetune-loss kd needs plans that keep every dense neuron exactly once (layer "
                             f"{bad[0]} drops, duplicates or rescales neurons); use --finetune-loss lm")
@@ -211,12 +219,17 @@ def train_lora(model, layer_modules: list[nn.Module], train: torch.Tensor, held:
         if step and step % len(train) == 0:
             perm = torch.randperm(len(train), generator=order)
         model.train()
-        loss = train_loss(model, train[perm[step % len(train)]].unsqueeze(0))
+        loss = task = train_loss(model, train[perm[step % len(train)]].unsqueeze(0))
+        fits = [m.router_fit_loss for m in moes if m.router_fit_loss is not None]
+        if fits:  # trained routers also keep predicting their experts' output norms (mean over layers)
+            loss = loss + sum(fits) / len(fits)
+            for m in moes:
+                m.router_fit_loss = None
         optim.zero_grad(set_to_none=True)
         loss.backward()
         optim.step()
         sched.step()
-        train_losses.append(loss.item())
+        train_losses.append(task.item())
         if (step + 1) % every == 0 or step + 1 == steps:
             h = held_loss()
             if h < best:

@@ -49,6 +49,7 @@ class MoEMLP(nn.Module):
         # the plan keeps each neuron once); router_ste: a trainable router learns through the hard top-k
         self.teacher = False
         self.router_ste = False
+        self.router_fit_loss: torch.Tensor | None = None   # set by each straight-through forward (see there)
 
     def weight(self, name: str) -> torch.Tensor:
         """An expert tensor as the forward pass uses it: the buffer plus its fine-tuning update, if any."""
@@ -94,7 +95,15 @@ class MoEMLP(nn.Module):
         soft = torch.sigmoid((scores - thr) / spread)
         hard = torch.zeros_like(scores).scatter_(1, top.indices[:, :k], 1.0)
         gates = hard + (soft - soft.detach())
-        return torch.einsum("te,ted->td", gates.to(x.dtype), self._all_experts(x, w))
+        y = self._all_experts(x, w)
+        if self.router_kind in ("linear", "mlp"):
+            # and keep predicting what the oracle ranks by, each expert's output norm, as the experts change
+            # (the finegrained router's own target; the input detached so only the router fits it)
+            from .methods.finegrained import log_norm_targets
+            target = log_norm_targets(y.detach().norm(dim=-1)).to(scores.dtype)
+            pred = router_scores(self.router_kind, self.router, x.detach(), self.act)
+            self.router_fit_loss = F.mse_loss(pred, target)
+        return torch.einsum("te,ted->td", gates.to(x.dtype), y)
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
         """(T, top_k) indices of the chosen experts for each row of x."""

@@ -22,12 +22,18 @@ from conftest import ROOT
 TEXT = ROOT / "tests" / "data" / "austen_prideprejudice_excerpt.txt"
 
 
-def _moe_model(model_dir):
+def _plans_and_dense(model_dir, method="cmoe", experts=4, shared=1, top_k=1):
     ckpt = Checkpoint(model_dir)
     adapter = adapter_for(ckpt.config)
-    opts = MethodOptions(experts=4, shared=1, top_k=1, calib=str(TEXT), calib_samples=2, calib_seqlen=48)
-    plans = make_plans(ckpt, adapter, "cmoe", opts, progress=False)
+    opts = MethodOptions(experts=experts, shared=shared, top_k=top_k, calib=str(TEXT), calib_samples=2,
+                         calib_seqlen=48)
+    plans = make_plans(ckpt, adapter, method, opts, progress=False)
     model, _ = load_dense(ckpt, tokenizer=False)
+    return ckpt, adapter, plans, model
+
+
+def _moe_model(model_dir):
+    ckpt, adapter, plans, model = _plans_and_dense(model_dir)
     moeify_(model, adapter, plans)
     return ckpt, adapter, plans, model
 
@@ -111,12 +117,7 @@ def test_cli_finetune_writes_a_file_with_the_run_in_its_provenance(tiny_models, 
 
 
 def _finegrained_model(model_dir):
-    ckpt = Checkpoint(model_dir)
-    adapter = adapter_for(ckpt.config)
-    opts = MethodOptions(experts=8, shared=2, top_k=2, calib=str(TEXT), calib_samples=2, calib_seqlen=48)
-    plans = make_plans(ckpt, adapter, "finegrained", opts, progress=False)
-    model, _ = load_dense(ckpt, tokenizer=False)
-    return ckpt, adapter, plans, model
+    return _plans_and_dense(model_dir, "finegrained", experts=8, shared=2, top_k=2)
 
 
 def test_the_distillation_teacher_is_the_dense_model_and_lora_leaves_it_alone(tiny_models):
@@ -167,6 +168,7 @@ def test_straight_through_router_keeps_the_hard_forward_and_gets_gradients():
     params = moe.trainable_router()
     out = moe(x)
     assert torch.allclose(out, hard, atol=1e-5, rtol=1e-5)     # the value is the file's hard top-k sum
+    assert moe.router_fit_loss is not None and moe.router_fit_loss.requires_grad  # the norm-regression term
     out.square().sum().backward()
     grad = params[0].grad
     assert grad is not None and bool((grad.abs().sum(1) > 0).all())   # every expert's row learns, chosen or not
