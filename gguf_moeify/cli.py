@@ -127,9 +127,12 @@ def _method_args(p: argparse.ArgumentParser) -> None:
                         "MoE) per token, the teacher being the converted model with every expert on and no update "
                         "(so no second copy; needs a plan that keeps every neuron once: cmoe, moefication, "
                         "finegrained, mlpmoe slice) (default: %(default)s)")
-    f.add_argument("--finetune-router", action="store_true",
-                   help="train the router too, through the hard top-k with a straight-through estimator (the "
-                        "file keeps unit weights; unchosen experts get a gradient); default: router frozen")
+    f.add_argument("--finetune-router", default="frozen", choices=("frozen", "ste", "refit"),
+                   help="frozen: the converted router as it is; ste: trained with the LoRA updates, through the "
+                        "hard top-k by a straight-through estimator (the file keeps unit weights), while also "
+                        "regressing its experts' output norms; refit: after training, each linear router fitted "
+                        "again (least squares, layer by layer) to the fine-tuned experts' output norms "
+                        "(default: %(default)s)")
     g.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="working precision for reading and computing (default: %(default)s)")
 
@@ -180,7 +183,7 @@ def _lora(args):
     return LoRAOptions(rank=args.finetune_rank, alpha=args.finetune_alpha, lr=args.finetune_lr,
                        steps=args.finetune_steps, samples=args.finetune_samples, seqlen=args.finetune_seqlen,
                        data=args.finetune_data, seed=args.seed, loss=args.finetune_loss,
-                       train_router=args.finetune_router)
+                       router=args.finetune_router)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,9 +8,10 @@ scale, which the unit-gate file format does not have).
 
 Two options of ours. ``loss="kd"`` distils the dense model instead (per-token KL(dense || MoE)): when the plan keeps
 every neuron exactly once, the converted model with every expert on and the LoRA updates off *is* the dense model,
-so the teacher costs a forward pass and no second copy. ``train_router`` makes the router's tensors trainable
+so the teacher costs a forward pass and no second copy. ``router="ste"`` makes the router's tensors trainable
 through the hard top-k with a straight-through estimator (``MoEMLP._straight_through``): the forward value stays
-the file's unit-weight top-k sum, the gradient reaches every expert's score.
+the file's unit-weight top-k sum, the gradient reaches every expert's score. ``router="refit"`` fits each linear
+router again after training, to the fine-tuned experts' output norms (``refit_routers``).
 
 The windows come from ``--finetune-data`` (default: the calibration text), drawn with seed+1 so they are not the
 calibration windows; 1 in 8 (at least one) is held out, drawn from the last eighth of the text that training never
@@ -34,6 +35,8 @@ from .errors import UserError
 from .moe_torch import MoEMLP
 
 LOSSES = ("lm", "kd")
+ROUTER_MODES = ("frozen", "ste", "refit")
+REFIT_WINDOWS = 8   # training windows the refitted routers are fitted on
 EXPERT_KEYS = ("gate_exps", "up_exps", "down_exps", "gate_shexp", "up_shexp", "down_shexp")
 
 
@@ -49,7 +52,8 @@ class LoRAOptions:
     seed: int = 0
     loss: str = "lm"              # "lm": next-token cross-entropy; "kd": KL(dense || MoE), the teacher being the
     #                               same model with every expert on and no update (needs a plan keeping each neuron)
-    train_router: bool = False    # also train the router, through the hard top-k (straight-through)
+    router: str = "frozen"        # "ste": trained through the hard top-k (straight-through); "refit": after
+    #                               training, each linear router re-fitted to its tuned experts' output norms
 
     def check(self, calib: str | None) -> None:
         """Cheap checks before any work (``calib``: the --calib text, the default fine-tuning text)."""
@@ -63,6 +67,8 @@ class LoRAOptions:
             raise UserError(f"--finetune-steps must be >= 1, got {self.steps}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise UserError(f"--finetune-lr must be a positive number, got {self.lr}")
+        if self.router not in ROUTER_MODES:
+            raise UserError(f"--finetune-router must be one of {', '.join(ROUTER_MODES)}, got {self.router!r}")
         if self.loss not in LOSSES:
             raise UserError(f"--finetune-loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if not self.alpha > 0:
@@ -110,7 +116,7 @@ class LoRALinear(nn.Module):
 
 def attach_lora(model, layer_modules: list[nn.Module], opts: LoRAOptions) -> list[nn.Parameter]:
     """Freeze the model; add LoRA to every nn.Linear and every MoEMLP expert tensor inside the decoder layers
-    (and make the routers trainable with ``train_router``). Returns the trainable parameters."""
+    (and make the routers trainable with ``router="ste"``). Returns the trainable parameters."""
     gen = torch.Generator().manual_seed(opts.seed)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -124,7 +130,7 @@ def attach_lora(model, layer_modules: list[nn.Module], opts: LoRAOptions) -> lis
             for key in EXPERT_KEYS:
                 if hasattr(moe, key):
                     moe.deltas[key] = LowRankDelta(tuple(getattr(moe, key).shape), opts.rank, opts.alpha, gen)
-            if opts.train_router:
+            if opts.router == "ste":
                 moe.trainable_router()
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -196,6 +202,9 @@ def train_lora(model, layer_modules: list[nn.Module], train: torch.Tensor, held:
         if bad:
             raise UserError(f"--finetune-loss kd needs plans that keep every dense neuron exactly once (layer "
                             f"{bad[0]} drops, duplicates or rescales neurons); use --finetune-loss lm")
+    if opts.router == "refit" and any(m.router_kind != "linear" for m in moes):
+        raise UserError("--finetune-router refit re-fits linear routers only (finegrained's default); this plan's "
+                        "router is not linear")
     train_loss = _kd_loss if opts.loss == "kd" else _loss
     params = attach_lora(model, layer_modules, opts)
     initial = [p.detach().clone() for p in params]
@@ -243,10 +252,48 @@ def train_lora(model, layer_modules: list[nn.Module], train: torch.Tensor, held:
             p.copy_(v)
     merge_lora(layer_modules)
     model.eval()
+    refit = {}
+    if opts.router == "refit":
+        refit["held_out_loss_refit"] = refit_routers(model, moes, train[perm[:REFIT_WINDOWS]], held_loss)
     return {"held_out_loss_start": start, "held_out_loss_best": best, "best_step": best_step, "steps": steps,
             "train_windows": len(train), "held_out_windows": len(held), "seqlen": int(train.shape[1]),
             "trainable_params": sum(p.numel() for p in params), "rank": opts.rank, "alpha": opts.alpha,
-            "lr": opts.lr, "loss": opts.loss, "train_router": opts.train_router}
+            "lr": opts.lr, "loss": opts.loss, "router": opts.router, **refit}
+
+
+class _Captured(Exception):
+    """Stops a forward pass once the layer being refitted has seen its input."""
+
+
+@torch.no_grad()
+def refit_routers(model, moes: list[MoEMLP], windows: torch.Tensor, held_loss) -> float:
+    """Re-fit each linear router, in layer order, to predict its fine-tuned experts' output norms on ``windows``
+    (finegrained's own ridge fit to standardised log norms), each layer's inputs taken from the model with the
+    layers before it already refitted. Returns the held-out loss after."""
+    from .methods.finegrained import fit_linear_router
+    for moe in tqdm(moes, desc="refitting routers", unit="layer", leave=False):
+        xs = []
+
+        def grab(_mod, args):
+            xs.append(args[0].reshape(-1, args[0].shape[-1]).float())
+            raise _Captured
+
+        handle = moe.register_forward_pre_hook(grab)
+        try:
+            for w in windows:
+                try:
+                    model(input_ids=w.unsqueeze(0), use_cache=False)
+                except _Captured:
+                    pass
+        finally:
+            handle.remove()
+        x = torch.cat(xs)
+        names = ("gate_exps", "up_exps", "down_exps")
+        norms = moe._all_experts(x.to(moe.gate_exps.dtype), {n: getattr(moe, n) for n in names}).norm(dim=-1)
+        weight = fit_linear_router(x, norms.float())
+        moe.router["weight"] = torch.as_tensor(weight, dtype=moe.gate_exps.dtype)
+        moe.plan.router.tensors = {"weight": weight}
+    return held_loss()
 
 
 def finetuned_overrides(model, adapter, n_layers: int) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ Each row is a method (``moefication:SPLIT:ROUTER``, ``finegrained:ROUTER``, ``sl
 data-free slice router, ``slice:METHOD`` with METHOD's E/S/K). Suffixes: ``@stock`` writes the plan for stock
 llama.cpp (``--runtime stock``; the cell adds how often its router agrees with the original); ``+lora`` adds the
 ``--finetune lora`` recovery with its defaults (the cell shows the fine-tuned model, the training-free ratio next to
-it; ``+lora:kd:router:steps=N``: see ``lora_options``); ``:E<n>`` sets E (e.g. ``finegrained:linear:E24``).
+it; ``+lora:kd:router=ste:steps=N``: see ``lora_options``); ``:E<n>`` sets E (e.g. ``finegrained:linear:E24``).
 ``tomoe`` trains ToMoE with --budget = the column's fraction
 (``tomoe:tokens``: --budget-on tokens) and its default training options (the cell gives the training time and
 the file's active fraction with padding). Each column is an active fraction (25/50/75%), mapped to
@@ -69,16 +69,16 @@ def row_options(row: str, fraction: float, args) -> tuple[str, MethodOptions]:
 
 
 def lora_options(row: str, seed: int, data: str | None) -> LoRAOptions | None:
-    """``+lora`` with its defaults; ``+lora:kd`` distils the dense model, ``:router`` trains the router too,
-    ``:steps=N`` / ``:samples=N`` set the run's length (e.g. ``finegrained:linear+lora:kd:router:steps=224``)."""
+    """``+lora`` with its defaults; ``+lora:kd`` distils the dense model, ``:router=ste|refit`` (--finetune-router),
+    ``:steps=N`` / ``:samples=N`` set the run's length (e.g. ``finegrained:linear+lora:router=refit:steps=224``)."""
     if "+lora" not in row:
         return None
     opts = LoRAOptions(seed=seed, data=data)
     for part in row.split("+lora", 1)[1].split(":")[1:]:
         if part == "kd":
             opts.loss = "kd"
-        elif part == "router":
-            opts.train_router = True
+        elif part.startswith("router="):
+            opts.router = part.split("=")[1]
         elif part.split("=")[0] in ("steps", "samples"):
             setattr(opts, part.split("=")[0], int(part.split("=")[1]))
         else:
@@ -122,7 +122,7 @@ def main() -> int:
             if lora is not None:
                 # the newer options only when set, so cells measured before they existed keep their keys
                 key["lora"] = {k: v for k, v in lora.__dict__.items()
-                               if (k, v) not in (("loss", "lm"), ("train_router", False))}
+                               if (k, v) not in (("loss", "lm"), ("router", "frozen"))}
             key = json.dumps(key, sort_keys=True, default=str)
             if key in done or args.report:
                 continue

@@ -187,9 +187,9 @@ def test_kd_with_router_training_lowers_held_out_loss_and_writes_the_trained_rou
     before = plans[1].router.tensors["weight"].copy()
     moeify_(model, adapter, plans)
     opts = LoRAOptions(rank=4, lr=1e-2, steps=24, samples=9, seqlen=64, data=str(TEXT), loss="kd",
-                       train_router=True)
+                       router="ste")
     info = finetune_lora(model, ckpt, adapter, None, opts, progress=False)
-    assert info["loss"] == "kd" and info["train_router"]
+    assert info["loss"] == "kd" and info["router"] == "ste"
     assert info["held_out_loss_best"] < info["held_out_loss_start"] - 0.05, info
     after = plans[1].router.tensors["weight"]
     assert np.abs(after - before).max() > 1e-4
@@ -198,3 +198,32 @@ def test_kd_with_router_training_lowers_held_out_loss_and_writes_the_trained_rou
                overrides=finetuned_overrides(model, adapter, ckpt.n_layers))
     tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(out).tensors}
     assert np.array_equal(tensors["blk.1.ffn_gate_inp.weight"], after)
+
+
+def test_refit_routers_fit_each_layer_on_the_inputs_its_refitted_predecessors_give(tiny_models):
+    from gguf_moeify.finetune import refit_routers
+    from gguf_moeify.methods.finegrained import fit_linear_router, log_norm_targets
+    ckpt, adapter, plans, model = _finegrained_model(tiny_models["mistral"])
+    moeify_(model, adapter, plans)
+    moes = [m for m in model.modules() if isinstance(m, MoEMLP)]
+    old = [m.router["weight"].clone() for m in moes]
+    windows = torch.randint(0, ckpt.config["vocab_size"], (3, 32), generator=torch.Generator().manual_seed(0))
+    assert refit_routers(model, moes, windows, lambda: 1.5) == 1.5
+    xs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a: xs.setdefault(mod.plan.layer, []).append(a[0][0]))
+             for m in moes]
+    with torch.no_grad():
+        for w in windows:
+            model(input_ids=w.unsqueeze(0))
+    for h in hooks:
+        h.remove()
+    for moe, w_old in zip(moes, old):
+        x = torch.cat(xs[moe.plan.layer])
+        names = ("gate_exps", "up_exps", "down_exps")
+        norms = moe._all_experts(x, {n: getattr(moe, n) for n in names}).norm(dim=-1)
+        assert np.allclose(moe.plan.router.tensors["weight"], fit_linear_router(x, norms), atol=1e-4)
+        assert torch.equal(moe.router["weight"], torch.as_tensor(moe.plan.router.tensors["weight"]))
+        target = log_norm_targets(norms).float()
+        err_new, err_old = ((x @ moe.router["weight"].t() - target) ** 2).mean(), ((x @ w_old.t() - target) ** 2).mean()
+        assert err_new <= err_old + 1e-6
+    assert any(not torch.allclose(m.router["weight"], w) for m, w in zip(moes, old))
