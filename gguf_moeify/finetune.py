@@ -288,8 +288,11 @@ def refit_routers(model, moes: list[MoEMLP], windows: torch.Tensor, held_loss) -
         finally:
             handle.remove()
         x = torch.cat(xs)
-        names = ("gate_exps", "up_exps", "down_exps")
-        norms = moe._all_experts(x.to(moe.gate_exps.dtype), {n: getattr(moe, n) for n in names}).norm(dim=-1)
+        w = {n: getattr(moe, n) for n in ("gate_exps", "up_exps", "down_exps")}
+        # in row chunks: the (rows, E, d) block of every expert's output stays small for large models
+        rows = max(1, 2 ** 24 // (w["gate_exps"].shape[0] * x.shape[1]))
+        norms = torch.cat([moe._all_experts(x[i:i + rows].to(moe.gate_exps.dtype), w).norm(dim=-1)
+                           for i in range(0, len(x), rows)])
         weight = fit_linear_router(x, norms.float())
         moe.router["weight"] = torch.as_tensor(weight, dtype=moe.gate_exps.dtype)
         moe.plan.router.tensors = {"weight": weight}
