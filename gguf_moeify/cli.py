@@ -130,7 +130,7 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     f.add_argument("--finetune-router", default="frozen", choices=("frozen", "ste", "refit"),
                    help="frozen: the converted router as it is; ste: trained with the LoRA updates, through the "
                         "hard top-k by a straight-through estimator (the file keeps unit weights), while also "
-                        "regressing its experts' output norms; refit: after training, each linear router fitted "
+                        "regressing its experts' output norms (computes every expert for every training token); refit: after training, each linear router fitted "
                         "again (least squares, layer by layer) to the fine-tuned experts' output norms "
                         "(default: %(default)s)")
     g.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
