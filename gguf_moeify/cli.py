@@ -129,10 +129,10 @@ def _method_args(p: argparse.ArgumentParser) -> None:
                         "finegrained, mlpmoe slice) (default: %(default)s)")
     f.add_argument("--finetune-router", default="frozen", choices=("frozen", "ste", "refit"),
                    help="frozen: the converted router as it is; ste: trained with the LoRA updates, through the "
-                        "hard top-k by a straight-through estimator (the file keeps unit weights), while also "
-                        "regressing its experts' output norms (computes every expert for every training token); refit: after training, each linear router fitted "
-                        "again (least squares, layer by layer) to the fine-tuned experts' output norms "
-                        "(default: %(default)s)")
+                        "hard top-k by a straight-through estimator (the file keeps unit weights), linear and MLP "
+                        "routers also regressing their experts' output norms (computes every expert for every "
+                        "training token); refit: after training, each linear router fitted again (least squares, "
+                        "layer by layer) to the fine-tuned experts' output norms (default: %(default)s)")
     g.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="working precision for reading and computing (default: %(default)s)")
 

@@ -45,10 +45,9 @@ class MoEMLP(nn.Module):
         # trainable low-rank updates of expert tensors (finetune.py; empty otherwise): name -> module whose call
         # returns a tensor shaped like the buffer it is added to
         self.deltas = nn.ModuleDict()
-        # fine-tuning modes (finetune.py). teacher: every expert, without updates, unit weights (the dense MLP when
-        # the plan keeps each neuron once); router_ste: a trainable router learns through the hard top-k
+        # fine-tuning mode (finetune.py): every expert, without updates, unit weights (the dense MLP when the plan
+        # keeps each neuron once)
         self.teacher = False
-        self.router_ste = False
         self.router_fit_loss: torch.Tensor | None = None   # set by each straight-through forward (see there)
 
     def weight(self, name: str) -> torch.Tensor:
@@ -64,17 +63,20 @@ class MoEMLP(nn.Module):
     def trainable_router(self) -> list[nn.Parameter]:
         """Make the router's tensors parameters (trained through the top-k by a straight-through estimator)."""
         self.router = nn.ParameterDict({k: nn.Parameter(v.detach().clone()) for k, v in self.router.items()})
-        self.router_ste = True
         return list(self.router.values())
+
+    @property
+    def router_trainable(self) -> bool:
+        return isinstance(self.router, nn.ParameterDict)
 
     @torch.no_grad()
     def freeze_router(self) -> None:
         """Back to plain router tensors; the trained values go into the plan, which the GGUF writer reads."""
-        if not isinstance(self.router, nn.ParameterDict):
+        if not self.router_trainable:
             return
         tensors = {k: v.detach().clone() for k, v in self.router.items()}
         del self.router
-        self.router, self.router_ste = tensors, False
+        self.router = tensors
         self.plan.router.tensors = {k: v.float().numpy() for k, v in tensors.items()}
 
     def _all_experts(self, x: torch.Tensor, w: dict) -> torch.Tensor:
@@ -155,7 +157,7 @@ class MoEMLP(nn.Module):
         n_exp = self.gate_exps.shape[0]
         if self.teacher:  # every expert with weight 1 (a stock plan's folded expert scale undone)
             out = self._all_experts(x, w).sum(1) / self.plan.expert_scale
-        elif self.router_ste and self.plan.gating == "unit" and torch.is_grad_enabled():
+        elif self.router_trainable and self.plan.gating == "unit" and torch.is_grad_enabled():
             out = self._straight_through(x, w)
         elif self.top_k == n_exp and self.plan.gating == "unit":
             out = torch.zeros_like(x)
