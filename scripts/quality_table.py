@@ -70,7 +70,8 @@ def row_options(row: str, fraction: float, args) -> tuple[str, MethodOptions]:
 
 def lora_options(row: str, seed: int, data: str | None) -> LoRAOptions | None:
     """``+lora`` with its defaults; ``+lora:kd`` distils the dense model, ``:router=ste|refit`` (--finetune-router),
-    ``:steps=N`` / ``:samples=N`` set the run's length (e.g. ``finegrained:linear+lora:router=refit:steps=224``)."""
+    ``:steps=N`` / ``:samples=N`` set the run's length, ``:lr=X`` / ``:rank=N`` the optimiser's step and LoRA's rank
+    (e.g. ``finegrained:linear+lora:router=refit:steps=224``)."""
     if "+lora" not in row:
         return None
     opts = LoRAOptions(seed=seed, data=data)
@@ -79,8 +80,10 @@ def lora_options(row: str, seed: int, data: str | None) -> LoRAOptions | None:
             opts.loss = "kd"
         elif part.startswith("router="):
             opts.router = part.split("=")[1]
-        elif part.split("=")[0] in ("steps", "samples"):
+        elif part.split("=")[0] in ("steps", "samples", "rank"):
             setattr(opts, part.split("=")[0], int(part.split("=")[1]))
+        elif part.startswith("lr="):
+            opts.lr = float(part.split("=")[1])
         else:
             raise SystemExit(f"unknown +lora option {part!r} in row {row!r}")
     return opts
