@@ -120,7 +120,7 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     f.add_argument("--finetune-rank", type=int, default=8, help="LoRA rank r (default: %(default)s)")
     f.add_argument("--finetune-alpha", type=float, default=16.0,
                    help="LoRA scale alpha (update = alpha/r * B A) (default: %(default)s)")
-    f.add_argument("--finetune-lr", type=float, default=2e-4,
+    f.add_argument("--finetune-lr", type=float, default=1e-3,
                    help="AdamW learning rate, decayed linearly to 0 (default: %(default)s)")
     f.add_argument("--finetune-loss", default="lm", choices=("lm", "kd"),
                    help="lm: next-token cross-entropy on the text (CMoE's); kd: distil the dense model, KL(dense || "

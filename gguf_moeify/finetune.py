@@ -44,7 +44,7 @@ EXPERT_KEYS = ("gate_exps", "up_exps", "down_exps", "gate_shexp", "up_shexp", "d
 class LoRAOptions:
     rank: int = 8
     alpha: float = 16.0
-    lr: float = 2e-4
+    lr: float = 1e-3              # recovers more than 2e-4 in the same steps (SmolLM2 50%: 1.52x vs 1.69x)
     steps: int | None = None      # None: one pass over the training windows
     samples: int = 128            # windows drawn from the fine-tuning text (1 in 8 held out)
     seqlen: int = 512
