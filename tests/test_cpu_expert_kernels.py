@@ -8,7 +8,7 @@ on quantized files, in prompt processing (llama-perplexity evaluates batches of 
 - the same for q4_K (repacked to 8x8 blocks with q8_K activations on AVX2), on a model with 256-wide rows;
 - routed (top-2 of 4, uneven rows per expert): the repacked path equals the plain CPU path (``--no-repack``).
 Micro-batches of 50 tokens, so experts get row counts that are not multiples of 4; and, for decoding (patch 0009),
-micro-batches of one token: all experts active == the dense file, q4_0 repacked.
+micro-batches of one token: all experts active == the dense file, q4_0 repacked and not.
 """
 from __future__ import annotations
 
@@ -61,16 +61,17 @@ def test_quantized_all_experts_active_equals_dense(tools, tiny_models, kquant_mo
 
 
 def test_decode_all_experts_active_equals_dense(tools, kquant_model, text_file, tmp_path):
-    """One token per micro-batch, as in decoding: the single-row path of the repacked experts (patch 0009 walks each
-    thread's slice of an expert in chunks while prefetching the next experts; 8 experts of 128 neurons here give
-    several chunks per slice) computes the very rows of the dense gemv."""
+    """One token per micro-batch, as in decoding: the single-row paths of the experts (patch 0009 walks each thread's
+    slice of an expert in parts while prefetching the next experts; 8 experts of 128 neurons here give several parts
+    per slice), repacked (gemv) and not (vec_dot), compute the very rows of the dense file."""
     dense = _quantized(tools, _dense_reference_gguf(kquant_model, tmp_path / "dense.gguf"), "q4_0", tmp_path)
     opts = MethodOptions(experts=8, shared=0)
     _write(kquant_model, lambda c, a: make_plans(c, a, "mlpmoe", opts, progress=False), tmp_path / "moe.gguf")
     moe = _quantized(tools, tmp_path / "moe.gguf", "q4_0", tmp_path)
-    d, m = _ppl(tools, dense, text_file, ["-ub", "1"]), _ppl(tools, moe, text_file, ["-ub", "1"])
-    assert m.n_chunks == d.n_chunks == CHUNKS
-    assert relative_difference(m.final_ppl, d.final_ppl) < 1e-4, (m.final_ppl, d.final_ppl)
+    for extra in (["-ub", "1"], ["-ub", "1", "--no-repack"]):
+        d, m = _ppl(tools, dense, text_file, extra), _ppl(tools, moe, text_file, extra)
+        assert m.n_chunks == d.n_chunks == CHUNKS
+        assert relative_difference(m.final_ppl, d.final_ppl) < 1e-4, (extra, m.final_ppl, d.final_ppl)
 
 
 def test_routed_repacked_equals_plain_cpu_path(tools, tiny_models, text_file, tmp_path):
