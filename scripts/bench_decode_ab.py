@@ -15,32 +15,35 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-def parse_entry(text: str) -> tuple[str, Path, Path]:
+from gguf_moeify.bench import run_llama_bench  # noqa: E402
+from gguf_moeify.errors import UserError  # noqa: E402
+from gguf_moeify.llama_cpp import LlamaCppTools  # noqa: E402
+
+
+def parse_entry(text: str) -> tuple[str, LlamaCppTools, Path]:
     label, sep, rest = text.partition("=")
     bin_dir, sep2, model = rest.partition(":")
     if not (sep and sep2 and label and bin_dir and model):
         sys.exit(f"bench_decode_ab: {text!r}: expected LABEL=BIN_DIR:FILE.gguf")
-    bench, model = Path(bin_dir) / "llama-bench", Path(model)
-    if not bench.is_file():
+    tools, model = LlamaCppTools(Path(bin_dir)), Path(model)
+    if not tools.has("llama-bench"):
         sys.exit(f"bench_decode_ab: no llama-bench in {bin_dir}")
     if not model.is_file():
         sys.exit(f"bench_decode_ab: no such file: {model}")
-    return label, bench, model
+    return label, tools, model
 
 
-def decode_tps(bench: Path, model: Path, n_gen: int, threads: int) -> float:
-    proc = subprocess.run([str(bench), "-m", str(model), "-p", "0", "-n", str(n_gen), "-t", str(threads), "-r", "1",
-                           "-o", "csv"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-3:])
-        sys.exit(f"bench_decode_ab: llama-bench failed on {model}:\n{tail}")
-    last = proc.stdout.strip().splitlines()[-1]
-    return float(last.split(",")[-2].strip('"'))  # csv columns end with avg_ts, stddev_ts
+def decode_tps(tools: LlamaCppTools, model: Path, n_gen: int, threads: int) -> float:
+    try:
+        return run_llama_bench(tools, model, 0, n_gen, threads, 1)["tg_ts"]
+    except UserError as e:
+        sys.exit(f"bench_decode_ab: {e}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,8 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("bench_decode_ab: labels must differ")
     tps: dict[str, list[float]] = {label: [] for label, _, _ in entries}
     for r in range(args.rounds):
-        for label, bench, model in entries:
-            tps[label].append(decode_tps(bench, model, args.n_gen, args.threads))
+        for label, tools, model in entries:
+            tps[label].append(decode_tps(tools, model, args.n_gen, args.threads))
         print(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{k} {v[-1]:.1f}" for k, v in tps.items()),
               file=sys.stderr)
     base = entries[0][0]
