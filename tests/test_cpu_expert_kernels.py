@@ -47,31 +47,31 @@ def kquant_model(smollm2_dir, tmp_path_factory):
                            hidden_size=256, intermediate_size=1024)
 
 
-@pytest.mark.parametrize("qtype", ["q4_0", "q8_0", "q4_k"])
-def test_quantized_all_experts_active_equals_dense(tools, tiny_models, kquant_model, text_file, tmp_path, qtype):
-    model = kquant_model if qtype == "q4_k" else tiny_models["llama"]
+def _assert_all_experts_active_equals_dense(tools, model, experts, qtype, text_file, tmp_path, extras):
+    """An MLPMoE file with all ``experts`` active, quantized to ``qtype``, gives the dense file's perplexity to 1e-4
+    under each llama-perplexity option list in ``extras``."""
     dense = _quantized(tools, _dense_reference_gguf(model, tmp_path / "dense.gguf"), qtype, tmp_path)
-    opts = MethodOptions(experts=4, shared=0)
+    opts = MethodOptions(experts=experts, shared=0)
     _write(model, lambda c, a: make_plans(c, a, "mlpmoe", opts, progress=False), tmp_path / "moe.gguf")
     moe = _quantized(tools, tmp_path / "moe.gguf", qtype, tmp_path)
-    for extra in ([], ["--no-repack"]):
+    for extra in extras:
         d, m = _ppl(tools, dense, text_file, extra), _ppl(tools, moe, text_file, extra)
         assert m.n_chunks == d.n_chunks == CHUNKS
         assert relative_difference(m.final_ppl, d.final_ppl) < 1e-4, (qtype, extra, m.final_ppl, d.final_ppl)
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0", "q4_k"])
+def test_quantized_all_experts_active_equals_dense(tools, tiny_models, kquant_model, text_file, tmp_path, qtype):
+    model = kquant_model if qtype == "q4_k" else tiny_models["llama"]
+    _assert_all_experts_active_equals_dense(tools, model, 4, qtype, text_file, tmp_path, ([], ["--no-repack"]))
 
 
 def test_decode_all_experts_active_equals_dense(tools, kquant_model, text_file, tmp_path):
     """One token per micro-batch, as in decoding: the single-row paths of the experts (patch 0009 walks each thread's
     slice of an expert in parts while prefetching the next experts; 8 experts of 128 neurons here give several parts
     per slice), repacked (gemv) and not (vec_dot), compute the very rows of the dense file."""
-    dense = _quantized(tools, _dense_reference_gguf(kquant_model, tmp_path / "dense.gguf"), "q4_0", tmp_path)
-    opts = MethodOptions(experts=8, shared=0)
-    _write(kquant_model, lambda c, a: make_plans(c, a, "mlpmoe", opts, progress=False), tmp_path / "moe.gguf")
-    moe = _quantized(tools, tmp_path / "moe.gguf", "q4_0", tmp_path)
-    for extra in (["-ub", "1"], ["-ub", "1", "--no-repack"]):
-        d, m = _ppl(tools, dense, text_file, extra), _ppl(tools, moe, text_file, extra)
-        assert m.n_chunks == d.n_chunks == CHUNKS
-        assert relative_difference(m.final_ppl, d.final_ppl) < 1e-4, (extra, m.final_ppl, d.final_ppl)
+    _assert_all_experts_active_equals_dense(tools, kquant_model, 8, "q4_0", text_file, tmp_path,
+                                            (["-ub", "1"], ["-ub", "1", "--no-repack"]))
 
 
 def test_routed_repacked_equals_plain_cpu_path(tools, tiny_models, text_file, tmp_path):
