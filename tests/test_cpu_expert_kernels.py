@@ -7,8 +7,8 @@ on quantized files, in prompt processing (llama-perplexity evaluates batches of 
   down projection's float sums differs;
 - the same for q4_K (repacked to 8x8 blocks with q8_K activations on AVX2), on a model with 256-wide rows;
 - routed (top-2 of 4, uneven rows per expert): the repacked path equals the plain CPU path (``--no-repack``).
-Micro-batches of 50 tokens, so experts get row counts that are not multiples of 4; and, for decoding (patch 0009),
-micro-batches of one token: all experts active == the dense file, q4_0 repacked and not.
+Micro-batches of 50 tokens, so experts get row counts that are not multiples of 4; and, for decoding (patches 0009,
+0010), micro-batches of one and three tokens: all experts active == the dense file, q4_0 repacked and not.
 """
 from __future__ import annotations
 
@@ -69,9 +69,10 @@ def test_quantized_all_experts_active_equals_dense(tools, tiny_models, kquant_mo
 def test_decode_all_experts_active_equals_dense(tools, kquant_model, text_file, tmp_path):
     """One token per micro-batch, as in decoding: the single-row paths of the experts (patch 0009 walks each thread's
     slice of an expert in parts while prefetching the next experts; 8 experts of 128 neurons here give several parts
-    per slice), repacked (gemv) and not (vec_dot), compute the very rows of the dense file."""
+    per slice), repacked (gemv) and not (vec_dot), compute the very rows of the dense file. Micro-batches of 1 and 3
+    tokens read each activation row where 0010 quantized it once (one row for all experts of a token in gate/up)."""
     _assert_all_experts_active_equals_dense(tools, kquant_model, 8, "q4_0", text_file, tmp_path,
-                                            (["-ub", "1"], ["-ub", "1", "--no-repack"]))
+                                            (["-ub", "1"], ["-ub", "3"], ["-ub", "1", "--no-repack"]))
 
 
 def test_routed_repacked_equals_plain_cpu_path(tools, tiny_models, text_file, tmp_path):
