@@ -44,6 +44,10 @@ ROUTER_TENSOR_NAMES = {
 
 _EXPERT_GGUF = {"gate_exps": "ffn_gate_exps", "up_exps": "ffn_up_exps", "down_exps": "ffn_down_exps",
                 "gate_shexp": "ffn_gate_shexp", "up_shexp": "ffn_up_shexp", "down_shexp": "ffn_down_shexp"}
+# Patched-runtime files store each expert's gate and up rows in one tensor (E, 2F, d), gate rows first: one
+# MUL_MAT_ID per layer fewer, and an expert's gate/up rows are one contiguous read (patch 0012). Stock files keep
+# the two tensors unmodified llama.cpp reads.
+GATE_UP_EXPS = "ffn_gate_up_exps"
 
 
 def expert_tensor_name(layer: int, key: str) -> str:
@@ -84,6 +88,7 @@ class TensorPlanner:
         self.base = _qtype(outtype)
         self.fallbacks: list[str] = []
         self.tied = not ckpt.has("lm_head.weight") or bool(ckpt.config.get("tie_word_embeddings", False))
+        self.merge_gate_up = plans[0].gating != "softmax"   # patched runtime (softmax gating: --runtime stock)
         self._memo: tuple[int, dict] | None = None
         cfg = ckpt.config
         self.n_head = int(cfg["num_attention_heads"])
@@ -116,6 +121,10 @@ class TensorPlanner:
                 self._memo = (i, {**{k: v.numpy() for k, v in experts.items()}, **own})
         return self._memo[1]
 
+    def _gate_up(self, i: int) -> np.ndarray:
+        experts = self._layer_experts(i)
+        return np.concatenate([experts["gate_exps"], experts["up_exps"]], axis=1)   # (E, 2F, d)
+
     def entries(self) -> list[Entry]:
         ck, ad = self.ckpt, self.adapter
         out: list[Entry] = []
@@ -146,9 +155,14 @@ class TensorPlanner:
                 arr = plan.router.tensors[key]
                 out.append(Entry(f"blk.{i}.{gg}", arr.shape, self.T.F32, (lambda a: lambda: a)(arr)))
             d = ck.n_embd
-            shapes = {"gate_exps": (plan.n_experts, plan.expert_width, d),
-                      "up_exps": (plan.n_experts, plan.expert_width, d),
-                      "down_exps": (plan.n_experts, d, plan.expert_width)}
+            if self.merge_gate_up:
+                name, shape = f"blk.{i}.{GATE_UP_EXPS}.weight", (plan.n_experts, 2 * plan.expert_width, d)
+                out.append(Entry(name, shape, self._type_for(name, shape), (lambda i: lambda: self._gate_up(i))(i)))
+                shapes = {}
+            else:
+                shapes = {"gate_exps": (plan.n_experts, plan.expert_width, d),
+                          "up_exps": (plan.n_experts, plan.expert_width, d)}
+            shapes["down_exps"] = (plan.n_experts, d, plan.expert_width)
             if plan.shared_width:
                 shapes.update(gate_shexp=(plan.shared_width, d), up_shexp=(plan.shared_width, d),
                               down_shexp=(d, plan.shared_width))

@@ -6,8 +6,9 @@ patched-runtime contract (``patches/README.md``) for the ``llama`` architecture:
 
 - dense: ``token_embd`` (tied output), per layer ``attn_norm``, ``attn_{q,k,v,output}``, ``ffn_norm``,
   ``ffn_{gate,up,down}``, then ``output_norm``;
-- MoE: the same with ``ffn_gate_inp`` (E, d) f32 (a linear router) and ``ffn_{gate,up,down}_exps`` (E experts of
-  n_ff/E neurons), ``expert_weights_unit`` true, ``expert_used_count`` K.
+- MoE: the same with ``ffn_gate_inp`` (E, d) f32 (a linear router), ``ffn_gate_up_exps`` and ``ffn_down_exps`` (E
+  experts of n_ff/E neurons; gate and up merged, as the converter writes them), ``expert_weights_unit`` true,
+  ``expert_used_count`` K.
 
 Quantized weights are random blocks written as bytes (random nibbles/int8 with a fixed scale that gives a weight
 std of ~0.02), so a 7B-class file is written at disk speed; no float tensor of the full size is ever made.
@@ -145,8 +146,7 @@ def write_synthetic(out: str | os.PathLike, shape: Shape, outtype: str = "q4_0",
         if experts:
             f = shape.n_ff // experts
             entries += [(b + "ffn_gate_inp.weight", (experts, d), "f32"),
-                        (b + "ffn_gate_exps.weight", (experts, f, d), outtype),
-                        (b + "ffn_up_exps.weight", (experts, f, d), outtype),
+                        (b + "ffn_gate_up_exps.weight", (experts, 2 * f, d), outtype),
                         (b + "ffn_down_exps.weight", (experts, d, f), outtype)]
         else:
             entries += [(b + "ffn_gate.weight", (shape.n_ff, d), outtype),

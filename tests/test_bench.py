@@ -116,7 +116,7 @@ def test_synthetic_files_layout_and_bandwidth(tmp_path):
     assert int(r.fields["llama.expert_feed_forward_length"].contents()) == shape.n_ff // 16
     assert "tokenizer.ggml.tokens" in r.fields
     t = {x.name: x for x in r.tensors}
-    assert t["blk.0.ffn_gate_exps.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_0
+    assert t["blk.0.ffn_gate_up_exps.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_0
     assert t["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
     assert t["blk.0.ffn_gate_inp.weight"].tensor_type == gguf.GGMLQuantizationType.F32
     bd, bm = bytes_per_token(dense), bytes_per_token(moe)

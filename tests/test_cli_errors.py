@@ -121,4 +121,4 @@ def test_inspect_prints_layout(tiny_llama, tmp_path):
     proc = run_cli("inspect", str(out))
     assert proc.returncode == 0
     assert "expert_count: 4" in proc.stdout and "blk.1: ffn_gate_inp[4x64 F32]" in proc.stdout
-    assert "ffn_gate_exps[4x64x64 F16]" in proc.stdout
+    assert "ffn_gate_up_exps[4x128x64 F16]" in proc.stdout

@@ -78,9 +78,12 @@ def test_training_lowers_held_out_loss_and_the_gguf_carries_the_merged_weights(t
     q = layer.self_attn.q_proj.weight.detach()
     assert np.array_equal(tensors["blk.1.attn_q.weight"], permute_qk(q, ckpt.config["num_attention_heads"]).numpy())
     assert np.array_equal(tensors["blk.1.attn_output.weight"], layer.self_attn.o_proj.weight.detach().numpy())
-    for key, name in (("gate_exps", "ffn_gate_exps"), ("down_shexp", "ffn_down_shexp")):
+    f = plans[1].expert_width
+    written = {"gate_exps": tensors["blk.1.ffn_gate_up_exps.weight"][:, :f],   # gate rows first (then up)
+               "down_shexp": tensors["blk.1.ffn_down_shexp.weight"]}
+    for key in ("gate_exps", "down_shexp"):
         tuned = getattr(layer.mlp, key).numpy()
-        assert np.array_equal(tensors[f"blk.1.{name}.weight"], tuned)
+        assert np.array_equal(written[key], tuned)
         orig = expert_tensors(plans[1], *(ckpt.get(n) for n in adapter.mlp_names(1)))[key].numpy()
         assert np.abs(tuned - orig).max() > 1e-4                # training moved the expert weights
     # what LoRA does not touch is the checkpoint's: norms, embeddings, routers

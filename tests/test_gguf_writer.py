@@ -28,7 +28,7 @@ def _fields(reader):
 def _expected_names(arch: str, n_layers: int, shared: bool) -> set[str]:
     names = {"token_embd.weight", "output_norm.weight", "output.weight"}
     per = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate_inp",
-           "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]
+           "ffn_gate_up_exps", "ffn_down_exps"]
     if shared:
         per += ["ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"]
     if arch == "qwen3":
@@ -64,11 +64,11 @@ def test_layout_keys_and_types(tiny_models, tmp_path, arch, outtype):
     assert set(tensors) == _expected_names(arch, 2, shared=True)
     shape = lambda n: tuple(int(x) for x in reversed(tensors[n].shape))  # noqa: E731  numpy order
     assert shape("blk.0.ffn_gate_inp.weight") == (3, 64)
-    assert shape("blk.1.ffn_gate_exps.weight") == (3, 64, 64)
+    assert shape("blk.1.ffn_gate_up_exps.weight") == (3, 128, 64)
     assert shape("blk.1.ffn_down_exps.weight") == (3, 64, 64)
     assert shape("blk.0.ffn_up_shexp.weight") == (64, 64) and shape("blk.0.ffn_down_shexp.weight") == (64, 64)
     want = T.F32 if outtype == "f32" else T.Q8_0
-    assert tensors["blk.0.ffn_gate_exps.weight"].tensor_type == want
+    assert tensors["blk.0.ffn_gate_up_exps.weight"].tensor_type == want
     assert tensors["blk.0.attn_q.weight"].tensor_type == want
     assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type == T.F32
     assert tensors["blk.0.attn_norm.weight"].tensor_type == T.F32
@@ -85,15 +85,19 @@ def test_second_run_is_byte_identical(tiny_models, tmp_path):
 
 
 def test_expert_tensors_hold_the_dense_neurons(tiny_models, tmp_path):
-    """f32 expert slices are exactly the dense rows/columns the plan names."""
+    """f32 expert slices are exactly the dense rows/columns the plan names: in ffn_gate_up_exps each expert's 64 gate
+    rows, then its 64 up rows."""
     from safetensors.numpy import load_file
     out = tmp_path / "moe.gguf"
     convert(str(tiny_models["llama"]), out, "mlpmoe", MethodOptions(experts=4), "f32", progress=False)
     hf = load_file(tiny_models["llama"] / "model.safetensors")
     t = {x.name: np.asarray(x.data) for x in gguf.GGUFReader(out).tensors}
     gate = hf["model.layers.1.mlp.gate_proj.weight"]
+    up = hf["model.layers.1.mlp.up_proj.weight"]
     down = hf["model.layers.1.mlp.down_proj.weight"]
-    assert np.array_equal(t["blk.1.ffn_gate_exps.weight"].reshape(4, 64, 64), gate.reshape(4, 64, 64))
+    gate_up = t["blk.1.ffn_gate_up_exps.weight"].reshape(4, 128, 64)
+    assert np.array_equal(gate_up[:, :64], gate.reshape(4, 64, 64))
+    assert np.array_equal(gate_up[:, 64:], up.reshape(4, 64, 64))
     assert np.array_equal(t["blk.1.ffn_down_exps.weight"][2], down[:, 128:192])
 
 
