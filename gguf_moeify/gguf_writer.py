@@ -48,6 +48,26 @@ _EXPERT_GGUF = {"gate_exps": "ffn_gate_exps", "up_exps": "ffn_up_exps", "down_ex
 # MUL_MAT_ID per layer fewer, and an expert's gate/up rows are one contiguous read (patch 0012). Stock files keep
 # the two tensors unmodified llama.cpp reads.
 GATE_UP_EXPS = "ffn_gate_up_exps"
+# Router tensors with one row (or value) per expert, by router kind; the others (the MLP router's hidden layer) are not
+PER_EXPERT_ROUTER_KEYS = {"weight", "gate", "up", "w2", "b2"}
+# Selection bias of always-selected experts (patch 0013): added to their router scores before the top-k. Far above
+# any real score, and exactly representable: score + bias == bias in f32, so they tie among themselves.
+ALWAYS_SELECTED_BIAS = np.float32(2.0 ** 100)
+LLAMA_MAX_EXPERTS = 1024   # llama.cpp's limit on expert_count (llama-hparams.h)
+
+
+def shared_as_experts(plans: list[MoEPlan]) -> int:
+    """How many routed-expert slots the shared expert takes in a patched-runtime file, or 0 to keep it separate.
+
+    The shared expert is written as n always-selected experts (the first n of ``ffn_gate_up_exps`` /
+    ``ffn_down_exps``, selection bias ``exp_probs_b``), so a layer runs one expert FFN instead of two (patch 0013):
+    possible when every layer's shared width is n times its expert width, with the same n in every layer (the expert
+    count is one number per file)."""
+    if plans[0].gating == "softmax" or not all(p.shared_width for p in plans):
+        return 0
+    counts = {p.shared_width // p.expert_width if p.shared_width % p.expert_width == 0 else 0 for p in plans}
+    n = counts.pop() if len(counts) == 1 else 0
+    return n if plans[0].n_experts + n <= LLAMA_MAX_EXPERTS else 0
 
 
 def expert_tensor_name(layer: int, key: str) -> str:
@@ -89,6 +109,7 @@ class TensorPlanner:
         self.fallbacks: list[str] = []
         self.tied = not ckpt.has("lm_head.weight") or bool(ckpt.config.get("tie_word_embeddings", False))
         self.merge_gate_up = plans[0].gating != "softmax"   # patched runtime (softmax gating: --runtime stock)
+        self.n_shared_exps = shared_as_experts(plans)
         self._memo: tuple[int, dict] | None = None
         cfg = ckpt.config
         self.n_head = int(cfg["num_attention_heads"])
@@ -121,9 +142,28 @@ class TensorPlanner:
                 self._memo = (i, {**{k: v.numpy() for k, v in experts.items()}, **own})
         return self._memo[1]
 
+    def _shared_split(self, i: int, key: str) -> np.ndarray:
+        """The shared expert's gate/up (Fs, d) -> (n, F, d), or down (d, Fs) -> (n, d, F): n experts of width F."""
+        w, n, f = self._layer_experts(i)[key], self.n_shared_exps, self.plans[i].expert_width
+        return w.reshape(n, f, -1) if key != "down_shexp" else w.reshape(w.shape[0], n, f).transpose(1, 0, 2)
+
     def _gate_up(self, i: int) -> np.ndarray:
         experts = self._layer_experts(i)
-        return np.concatenate([experts["gate_exps"], experts["up_exps"]], axis=1)   # (E, 2F, d)
+        gate_up = np.concatenate([experts["gate_exps"], experts["up_exps"]], axis=1)   # (E, 2F, d)
+        if self.n_shared_exps:
+            shared = np.concatenate([self._shared_split(i, "gate_shexp"), self._shared_split(i, "up_shexp")], axis=1)
+            gate_up = np.concatenate([shared, gate_up])
+        return gate_up
+
+    def _down(self, i: int) -> np.ndarray:
+        down = self._layer_experts(i)["down_exps"]
+        return np.concatenate([self._shared_split(i, "down_shexp"), down]) if self.n_shared_exps else down
+
+    def _router(self, plan: MoEPlan, key: str) -> np.ndarray:
+        arr = plan.router.tensors[key]
+        if self.n_shared_exps and key in PER_EXPERT_ROUTER_KEYS:   # zero scores for the always-selected experts
+            arr = np.concatenate([np.zeros((self.n_shared_exps,) + arr.shape[1:], np.float32), arr])
+        return arr
 
     def entries(self) -> list[Entry]:
         ck, ad = self.ckpt, self.adapter
@@ -152,18 +192,21 @@ class TensorPlanner:
                     name = f"blk.{i}.{gg}.{suffix}"
                     out.append(Entry(name, shape, self._type_for(name, shape), produce))
             for key, gg in ROUTER_TENSOR_NAMES[plan.router.kind].items():
-                arr = plan.router.tensors[key]
+                arr = self._router(plan, key)
                 out.append(Entry(f"blk.{i}.{gg}", arr.shape, self.T.F32, (lambda a: lambda: a)(arr)))
-            d = ck.n_embd
+            d, n_exp, n_sh = ck.n_embd, plan.n_experts + self.n_shared_exps, self.n_shared_exps
+            if n_sh:
+                bias = np.concatenate([np.full(n_sh, ALWAYS_SELECTED_BIAS), np.zeros(plan.n_experts, np.float32)])
+                out.append(Entry(f"blk.{i}.exp_probs_b.bias", bias.shape, self.T.F32, (lambda a: lambda: a)(bias)))
             if self.merge_gate_up:
-                name, shape = f"blk.{i}.{GATE_UP_EXPS}.weight", (plan.n_experts, 2 * plan.expert_width, d)
+                name, shape = f"blk.{i}.{GATE_UP_EXPS}.weight", (n_exp, 2 * plan.expert_width, d)
                 out.append(Entry(name, shape, self._type_for(name, shape), (lambda i: lambda: self._gate_up(i))(i)))
                 shapes = {}
             else:
-                shapes = {"gate_exps": (plan.n_experts, plan.expert_width, d),
-                          "up_exps": (plan.n_experts, plan.expert_width, d)}
-            shapes["down_exps"] = (plan.n_experts, d, plan.expert_width)
-            if plan.shared_width:
+                shapes = {"gate_exps": (n_exp, plan.expert_width, d), "up_exps": (n_exp, plan.expert_width, d)}
+            name, shape = expert_tensor_name(i, "down_exps"), (n_exp, d, plan.expert_width)
+            out.append(Entry(name, shape, self._type_for(name, shape), (lambda i: lambda: self._down(i))(i)))
+            if plan.shared_width and not n_sh:
                 shapes.update(gate_shexp=(plan.shared_width, d), up_shexp=(plan.shared_width, d),
                               down_shexp=(d, plan.shared_width))
             for key, shape in shapes.items():
@@ -260,10 +303,11 @@ def write_gguf(out_tmp: Path, ckpt: Checkpoint, adapter: Adapter, plans: list[Mo
         if key in skip:
             continue
         _copy_key(writer, key, value, types)
-    writer.add_expert_count(p0.n_experts)
-    used = [p.top_k for p in plans]
+    n_sh = shared_as_experts(plans)   # the shared expert as n always-selected experts (see TensorPlanner)
+    writer.add_expert_count(p0.n_experts + n_sh)
+    used = [p.top_k + n_sh for p in plans]
     if len(set(used)) == 1:
-        writer.add_expert_used_count(p0.top_k)
+        writer.add_expert_used_count(used[0])
     else:  # per-layer budgets: llama.cpp reads the key as a scalar or an array (graph use: patch 0005)
         writer.add_array(f"{arch}.expert_used_count", used)
     if not stock:
@@ -272,8 +316,11 @@ def write_gguf(out_tmp: Path, ckpt: Checkpoint, adapter: Adapter, plans: list[Mo
             writer.add_expert_feed_forward_length(p0.expert_width)
         else:  # experts of different widths per layer (ToMoE): read as a per-layer array (patch 0002)
             writer.add_array(f"{arch}.expert_feed_forward_length", widths)
-        writer.add_expert_shared_feed_forward_length(p0.shared_width)
-        writer.add_uint32(f"{arch}.expert_shared_count", 1 if p0.shared_width else 0)
+        shared_width = 0 if n_sh else p0.shared_width
+        writer.add_expert_shared_feed_forward_length(shared_width)
+        writer.add_uint32(f"{arch}.expert_shared_count", 1 if shared_width else 0)
+        if n_sh:  # informational: llama.cpp knows them only by their selection bias
+            writer.add_uint32("gguf_moeify.always_selected_experts", n_sh)
         writer.add_uint32(f"{arch}.expert_router_type", ROUTER_TYPE_IDS[p0.router.kind])
         writer.add_bool(f"{arch}.expert_weights_unit", True)
     elif arch == "llama":

@@ -121,10 +121,12 @@ def test_gguf_has_cmoe_router(tiny_models, tmp_path):
                   progress=False)
     r = gguf.GGUFReader(out)
     t = {x.name: x for x in r.tensors}
-    assert tuple(t["blk.0.ffn_gate_inp.weight"].shape) == (64, 3)
-    assert tuple(t["blk.1.ffn_up_inp.weight"].shape) == (64, 3)
-    rows = np.asarray(t["blk.0.ffn_up_inp.weight"].data).reshape(3, 64)
-    assert np.allclose(np.linalg.norm(rows, axis=1), 1, atol=1e-5)           # normalised representative rows
+    # 3 routed experts, after the shared one written as expert 0 (router rows 0, always selected)
+    assert tuple(t["blk.0.ffn_gate_inp.weight"].shape) == (64, 4)
+    assert tuple(t["blk.1.ffn_up_inp.weight"].shape) == (64, 4)
+    rows = np.asarray(t["blk.0.ffn_up_inp.weight"].data).reshape(4, 64)
+    assert not rows[0].any()
+    assert np.allclose(np.linalg.norm(rows[1:], axis=1), 1, atol=1e-5)       # normalised representative rows
 
 
 def test_real_model_cmoe_at_half_active_stays_in_band(smollm2_dir):

@@ -78,9 +78,11 @@ def test_training_lowers_held_out_loss_and_the_gguf_carries_the_merged_weights(t
     q = layer.self_attn.q_proj.weight.detach()
     assert np.array_equal(tensors["blk.1.attn_q.weight"], permute_qk(q, ckpt.config["num_attention_heads"]).numpy())
     assert np.array_equal(tensors["blk.1.attn_output.weight"], layer.self_attn.o_proj.weight.detach().numpy())
-    f = plans[1].expert_width
-    written = {"gate_exps": tensors["blk.1.ffn_gate_up_exps.weight"][:, :f],   # gate rows first (then up)
-               "down_shexp": tensors["blk.1.ffn_down_shexp.weight"]}
+    # the file's layout: gate and up merged (gate rows first), the shared expert as the first n experts
+    f, n = plans[1].expert_width, plans[1].shared_width // plans[1].expert_width
+    down = tensors["blk.1.ffn_down_exps.weight"]
+    written = {"gate_exps": tensors["blk.1.ffn_gate_up_exps.weight"][n:, :f],
+               "down_shexp": down[:n].transpose(1, 0, 2).reshape(down.shape[1], n * f)}
     for key in ("gate_exps", "down_shexp"):
         tuned = getattr(layer.mlp, key).numpy()
         assert np.array_equal(written[key], tuned)
@@ -88,7 +90,7 @@ def test_training_lowers_held_out_loss_and_the_gguf_carries_the_merged_weights(t
         assert np.abs(tuned - orig).max() > 1e-4                # training moved the expert weights
     # what LoRA does not touch is the checkpoint's: norms, embeddings, routers
     assert np.array_equal(tensors["blk.1.attn_norm.weight"], ckpt.get("model.layers.1.input_layernorm.weight").numpy())
-    assert np.array_equal(tensors["blk.1.ffn_gate_inp.weight"], plans[1].router.tensors["gate"])
+    assert np.array_equal(tensors["blk.1.ffn_gate_inp.weight"][n:], plans[1].router.tensors["gate"])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -200,7 +202,8 @@ def test_kd_with_router_training_lowers_held_out_loss_and_writes_the_trained_rou
     write_gguf(out, ckpt, adapter, plans, "f32", {"test": True}, progress=False,
                overrides=finetuned_overrides(model, adapter, ckpt.n_layers))
     tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(out).tensors}
-    assert np.array_equal(tensors["blk.1.ffn_gate_inp.weight"], after)
+    n = plans[1].shared_width // plans[1].expert_width   # the shared expert's always-selected slots come first
+    assert np.array_equal(tensors["blk.1.ffn_gate_inp.weight"][n:], after)
 
 
 def test_refit_routers_fit_each_layer_on_the_inputs_its_refitted_predecessors_give(tiny_models):

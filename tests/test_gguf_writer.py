@@ -3,6 +3,7 @@ tensors byte-identical to llama.cpp's own converter's dense output."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -25,16 +26,16 @@ def _fields(reader):
     return {k: f.contents() for k, f in reader.fields.items()}
 
 
-def _expected_names(arch: str, n_layers: int, shared: bool) -> set[str]:
+def _expected_names(arch: str, n_layers: int, shared_as_experts: bool) -> set[str]:
     names = {"token_embd.weight", "output_norm.weight", "output.weight"}
     per = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate_inp",
            "ffn_gate_up_exps", "ffn_down_exps"]
-    if shared:
-        per += ["ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"]
     if arch == "qwen3":
         per += ["attn_q_norm", "attn_k_norm"]
     for i in range(n_layers):
         names |= {f"blk.{i}.{p}.weight" for p in per}
+        if shared_as_experts:
+            names.add(f"blk.{i}.exp_probs_b.bias")
         if arch == "qwen2":
             names |= {f"blk.{i}.attn_{x}.bias" for x in "qkv"}
     return names
@@ -49,9 +50,10 @@ def test_layout_keys_and_types(tiny_models, tmp_path, arch, outtype):
     f = _fields(r)
     ga = GGUF_ARCH[arch]
     assert f["general.architecture"] == ga
-    assert f[f"{ga}.expert_count"] == 3 and f[f"{ga}.expert_used_count"] == 3
+    # 3 routed experts + the shared one as an always-selected expert (same width)
+    assert f[f"{ga}.expert_count"] == 4 and f[f"{ga}.expert_used_count"] == 4
     assert f[f"{ga}.expert_feed_forward_length"] == 64
-    assert f[f"{ga}.expert_shared_feed_forward_length"] == 64
+    assert f[f"{ga}.expert_shared_feed_forward_length"] == 0 and f["gguf_moeify.always_selected_experts"] == 1
     assert f[f"{ga}.expert_weights_unit"] is True and f[f"{ga}.expert_router_type"] == 0
     assert f[f"{ga}.block_count"] == 2 and f[f"{ga}.embedding_length"] == 64
     if arch in ("llama", "mistral"):   # SmolLM2's BPE tokenizer, identified by llama.cpp's converter
@@ -61,12 +63,11 @@ def test_layout_keys_and_types(tiny_models, tmp_path, arch, outtype):
         assert f["tokenizer.ggml.model"] == "llama" and len(f["tokenizer.ggml.scores"]) == 512
     assert '"method": "mlpmoe"' in f["gguf_moeify.provenance"]
     tensors = {t.name: t for t in r.tensors}
-    assert set(tensors) == _expected_names(arch, 2, shared=True)
+    assert set(tensors) == _expected_names(arch, 2, shared_as_experts=True)
     shape = lambda n: tuple(int(x) for x in reversed(tensors[n].shape))  # noqa: E731  numpy order
-    assert shape("blk.0.ffn_gate_inp.weight") == (3, 64)
-    assert shape("blk.1.ffn_gate_up_exps.weight") == (3, 128, 64)
-    assert shape("blk.1.ffn_down_exps.weight") == (3, 64, 64)
-    assert shape("blk.0.ffn_up_shexp.weight") == (64, 64) and shape("blk.0.ffn_down_shexp.weight") == (64, 64)
+    assert shape("blk.0.ffn_gate_inp.weight") == (4, 64) and shape("blk.0.exp_probs_b.bias") == (4,)
+    assert shape("blk.1.ffn_gate_up_exps.weight") == (4, 128, 64)
+    assert shape("blk.1.ffn_down_exps.weight") == (4, 64, 64)
     want = T.F32 if outtype == "f32" else T.Q8_0
     assert tensors["blk.0.ffn_gate_up_exps.weight"].tensor_type == want
     assert tensors["blk.0.attn_q.weight"].tensor_type == want
@@ -99,6 +100,51 @@ def test_expert_tensors_hold_the_dense_neurons(tiny_models, tmp_path):
     assert np.array_equal(gate_up[:, :64], gate.reshape(4, 64, 64))
     assert np.array_equal(gate_up[:, 64:], up.reshape(4, 64, 64))
     assert np.array_equal(t["blk.1.ffn_down_exps.weight"][2], down[:, 128:192])
+
+
+def test_shared_expert_written_as_always_selected_experts(tiny_models, tmp_path):
+    """MLPMoE E=8 (d_ff 256: slices of 32) with 2 shared slices: the 64 shared neurons are experts 0-1 of the routed
+    tensors, with zero router rows and a selection bias of 2^100; the 6 routed experts follow unchanged."""
+    from safetensors.numpy import load_file
+    out = tmp_path / "moe.gguf"
+    convert(str(tiny_models["llama"]), out, "mlpmoe", MethodOptions(experts=8, shared=2, top_k=3), "f32",
+            progress=False)
+    r = gguf.GGUFReader(out)
+    f = _fields(r)
+    assert f["llama.expert_count"] == 8 and f["llama.expert_used_count"] == 5
+    assert f["llama.expert_shared_feed_forward_length"] == 0 and f["gguf_moeify.always_selected_experts"] == 2
+    plan = json.loads(f["gguf_moeify.plan"])[1]   # the plan itself is unchanged
+    assert plan["experts"] == 6 and plan["top_k"] == 3 and plan["shared_width"] == 64
+    t = {x.name: np.asarray(x.data) for x in r.tensors}
+    assert not any("shexp" in n for n in t)
+    assert np.array_equal(t["blk.1.exp_probs_b.bias"], np.array([2.0 ** 100] * 2 + [0.0] * 6, np.float32))
+    router = t["blk.1.ffn_gate_inp.weight"]
+    assert router.shape == (8, 64) and not router[:2].any() and router[2:].any()
+    hf = load_file(tiny_models["llama"] / "model.safetensors")
+    gate, up, down = (hf[f"model.layers.1.mlp.{n}_proj.weight"] for n in ("gate", "up", "down"))
+    gate_up, down_exps = t["blk.1.ffn_gate_up_exps.weight"], t["blk.1.ffn_down_exps.weight"]
+    assert gate_up.shape == (8, 64, 64) and down_exps.shape == (8, 64, 32)
+    shared_gate, shared_up = gate_up[:2, :32].reshape(64, 64), gate_up[:2, 32:].reshape(64, 64)
+    shared_down = down_exps[:2].transpose(1, 0, 2).reshape(64, 64)
+    # the shared neurons are some 64 of the 256: the same ones, in the same order, in gate, up and down
+    idx = [int(np.flatnonzero((gate == row).all(axis=1))[0]) for row in shared_gate]
+    assert len(set(idx)) == 64
+    assert np.array_equal(shared_up, up[idx]) and np.array_equal(shared_down, down[:, idx])
+
+
+def test_shared_as_experts_only_when_the_widths_divide():
+    from gguf_moeify.gguf_writer import shared_as_experts
+    from gguf_moeify.plan import MoEPlan, Router
+
+    def plan(width, shared, gating="unit"):
+        router = Router("linear", {"weight": np.zeros((4, 8))})
+        return MoEPlan(0, 1024, np.arange(4 * width).reshape(4, width), 2, router,
+                       shared=np.arange(512, 512 + shared), gating=gating)
+    assert shared_as_experts([plan(32, 96), plan(32, 96)]) == 3
+    assert shared_as_experts([plan(32, 0)]) == 0                         # no shared expert
+    assert shared_as_experts([plan(64, 96)]) == 0                        # 96 is not a multiple of 64
+    assert shared_as_experts([plan(32, 64), plan(64, 64)]) == 0          # 2 experts in one layer, 1 in the next
+    assert shared_as_experts([plan(32, 64, gating="softmax")]) == 0      # --runtime stock keeps its own layout
 
 
 @pytest.mark.parametrize("arch", ARCHS)

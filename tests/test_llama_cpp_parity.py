@@ -183,8 +183,9 @@ def test_per_layer_budget_parity_with_torch_reference(tools, tiny_models, text_f
 
     out = tmp_path / "moe.gguf"
     ckpt, adapter, plans = _write(tiny_models[arch], make, out)
-    field = gguf.GGUFReader(out).fields[f"{adapter.gguf_arch}.expert_used_count"]
-    assert field.contents() == ks
+    fields = gguf.GGUFReader(out).fields
+    n_shared = fields["gguf_moeify.always_selected_experts"].contents()   # the shared expert, chosen in every layer
+    assert fields[f"{adapter.gguf_arch}.expert_used_count"].contents() == [k + n_shared for k in ks]
     ref, cpp = _torch_and_llama_cpp(tools, out, ckpt, adapter, plans, text_file, tmp_path)
     assert relative_difference(ref.ppl, cpp.final_ppl) < 1e-3, (ref.ppl, cpp.final_ppl)
     # layer 0's count everywhere (what an unpatched graph would compute) is a different function

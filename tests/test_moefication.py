@@ -109,5 +109,8 @@ def test_gguf_has_mlp_router(tiny_models, tmp_path):
     t = {x.name: x for x in gguf.GGUFReader(out).tensors}
     assert tuple(t["blk.0.ffn_gate_inp.weight"].shape) == (64, 3)
     assert tuple(t["blk.0.ffn_gate_inp.bias"].shape) == (3,)
-    assert tuple(t["blk.1.ffn_gate_inp_out.weight"].shape) == (3, 3)
-    assert tuple(t["blk.1.ffn_gate_inp_out.bias"].shape) == (3,)
+    # the output layer scores 3 routed experts, after the shared one written as expert 0 (zero row and bias)
+    assert tuple(t["blk.1.ffn_gate_inp_out.weight"].shape) == (3, 4)
+    assert tuple(t["blk.1.ffn_gate_inp_out.bias"].shape) == (4,)
+    assert not np.asarray(t["blk.1.ffn_gate_inp_out.weight"].data)[0].any()
+    assert not np.asarray(t["blk.1.ffn_gate_inp_out.bias"].data)[0]
