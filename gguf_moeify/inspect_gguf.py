@@ -23,6 +23,9 @@ def inspect_gguf(path: str) -> str:
     keys = ["expert_count", "expert_used_count", "expert_feed_forward_length", "expert_shared_feed_forward_length",
             "expert_router_type", "expert_weights_unit", "expert_gating_func"]
     lines.append("  " + "   ".join(f"{k}: {val(f'{arch}.{k}')}" for k in keys if f"{arch}.{k}" in f))
+    if val("gguf_moeify.always_selected_experts"):
+        lines.append(f"  the shared expert: the first {val('gguf_moeify.always_selected_experts')} experts, selected "
+                     "for every token (exp_probs_b); counted in expert_count and expert_used_count")
     prov = val("gguf_moeify.provenance")
     if prov:
         p = json.loads(prov)
@@ -36,7 +39,7 @@ def inspect_gguf(path: str) -> str:
         parts = []
         for t in by_layer[layer]:
             kind = t.name.split(".")[2]
-            if kind.startswith("ffn_") and kind not in ("ffn_norm",):
+            if (kind.startswith("ffn_") and kind != "ffn_norm") or kind == "exp_probs_b":
                 shape = "x".join(str(int(x)) for x in reversed(t.shape))
                 parts.append(f"{kind}[{shape} {t.tensor_type.name}]")
         lines.append(f"  blk.{layer}: " + " ".join(parts))

@@ -130,6 +130,8 @@ def test_shared_expert_written_as_always_selected_experts(tiny_models, tmp_path)
     idx = [int(np.flatnonzero((gate == row).all(axis=1))[0]) for row in shared_gate]
     assert len(set(idx)) == 64
     assert np.array_equal(shared_up, up[idx]) and np.array_equal(shared_down, down[:, idx])
+    from gguf_moeify.inspect_gguf import inspect_gguf
+    assert "the shared expert: the first 2 experts" in inspect_gguf(str(out))
 
 
 def test_shared_as_experts_only_when_the_widths_divide():
