@@ -201,7 +201,8 @@ def bytes_per_token(path: str | os.PathLike) -> dict:
     e = fields.get(f"{arch}.expert_count")
     k = fields.get(f"{arch}.expert_used_count")
     n_exp = int(e.contents()) if e is not None else 0
-    n_used = int(k.contents()) if k is not None else 0
+    used = k.contents() if k is not None else 0   # a per-layer list in files with per-layer budgets
+    used_in = lambda name: used[int(name.split(".")[1])] if isinstance(used, list) else used  # noqa: E731
     parts = {"embedding_row": 0, "output": 0, "attention": 0, "router": 0, "experts_active": 0, "experts_all": 0,
              "dense_ffn": 0, "shared_expert": 0, "norms": 0}
     names = {t.name: int(t.n_bytes) for t in r.tensors}
@@ -215,7 +216,7 @@ def bytes_per_token(path: str | os.PathLike) -> dict:
             parts["output"] += nb
         elif "_exps." in name:
             parts["experts_all"] += nb
-            parts["experts_active"] += nb * n_used // max(n_exp, 1)
+            parts["experts_active"] += nb * int(used_in(name)) // max(n_exp, 1)
         elif "_shexp." in name:
             parts["shared_expert"] += nb
         elif "ffn_gate_inp" in name or "ffn_up_inp" in name:
@@ -227,4 +228,4 @@ def bytes_per_token(path: str | os.PathLike) -> dict:
         else:
             parts["norms"] += nb
     total = sum(v for key, v in parts.items() if key != "experts_all")
-    return {"total": total, "file_bytes": sum(names.values()), "experts": n_exp, "top_k": n_used, **parts}
+    return {"total": total, "file_bytes": sum(names.values()), "experts": n_exp, "top_k": used, **parts}

@@ -125,6 +125,21 @@ def test_synthetic_files_layout_and_bandwidth(tmp_path):
     assert bm["total"] == bd["total"] - bd["dense_ffn"] + bm["experts_active"] + bm["router"]
 
 
+def test_bytes_per_token_reads_per_layer_expert_counts(tmp_path):
+    """Per-layer budgets write expert_used_count as an array: each layer's experts count with its own K / E."""
+    import numpy as np
+    out = tmp_path / "budget.gguf"
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_expert_count(4)
+    w.add_array("llama.expert_used_count", [1, 3])
+    w.add_tensor("token_embd.weight", np.zeros((16, 8), np.float32))
+    for i in range(2):
+        w.add_tensor(f"blk.{i}.ffn_down_exps.weight", np.zeros((4, 8, 8), np.float32))   # 1024 bytes each
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    b = bytes_per_token(out)
+    assert b["experts_all"] == 2048 and b["experts_active"] == 256 + 768 and b["top_k"] == [1, 3]
+
+
 def test_synthetic_bench_speed_only(tools, tmp_path):
     out = tmp_path / "syn"
     assert bench_main(["--synthetic", "tiny", "--configs", "moe:0.25:q4_0", "-p", "8", "-n", "4", "-t", "1",
