@@ -72,6 +72,11 @@ def _method_args(p: argparse.ArgumentParser) -> None:
                         "qwen3moe layout, softmax gating with unit weights folded in, linear router fitted to "
                         "non-linear ones; tomoe: shared expert folded into the experts, layers padded to the "
                         "widest; see README) (default: %(default)s)")
+    g.add_argument("--shared-layout", default="experts", choices=("experts", "separate"),
+                   help="patched runtime: write the shared expert as always-selected routed experts when its width "
+                        "is a multiple of the expert width (one expert FFN per layer: faster decoding, slower "
+                        "prompt processing with many small experts) or as a separate shared expert (default: "
+                        "%(default)s)")
     t = p.add_argument_group("tomoe (trained masks and router; the model's weights stay frozen)")
     t.add_argument("--budget", type=float, default=None, metavar="P",
                    help="tomoe: target fraction of MLP neurons active per token (default: 0.5)")
@@ -172,7 +177,8 @@ def _opts(args) -> MethodOptions:
                         "uses no data")
     return MethodOptions(experts=experts, shared=shared, top_k=top_k, variant=args.variant, keep=args.keep,
                          calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
-                         seed=args.seed, layer_budget=args.layer_budget, runtime=args.runtime, extra=extra)
+                         seed=args.seed, layer_budget=args.layer_budget, runtime=args.runtime,
+                         shared_layout=args.shared_layout, extra=extra)
 
 
 def _lora(args):

@@ -54,7 +54,7 @@ def provenance(ckpt: Checkpoint, method: str, opts: MethodOptions, outtype: str,
 
 def write_model_file(ckpt: Checkpoint, adapter: Adapter, plans: list[MoEPlan], out: str | os.PathLike,
                      outtype: str, provenance: dict, progress: bool = True,
-                     make_plans_fn=None, overrides_fn=None) -> Path:
+                     make_plans_fn=None, overrides_fn=None, shared_as_routed: bool = True) -> Path:
     """Plans -> GGUF at ``out`` via a temporary file in the same folder, renamed only when complete.
     ``make_plans_fn`` (optional) computes the plans after the output was checked to be writable;
     ``overrides_fn(plans)`` (optional) returns tensors that replace the checkpoint's (see ``write_gguf``)."""
@@ -69,7 +69,8 @@ def write_model_file(ckpt: Checkpoint, adapter: Adapter, plans: list[MoEPlan], o
             plans = make_plans_fn()
         overrides = overrides_fn(plans) if overrides_fn is not None else None
         float_type = "f16" if outtype in KQUANT_OUTTYPES else outtype
-        fallbacks = write_gguf(tmp, ckpt, adapter, plans, float_type, provenance, progress, overrides)
+        fallbacks = write_gguf(tmp, ckpt, adapter, plans, float_type, provenance, progress, overrides,
+                               shared_as_routed)
         if fallbacks:
             print(f"note: {len(fallbacks)} tensors kept at f16 (last dimension not a multiple of 32), "
                   f"e.g. {fallbacks[0]}", file=sys.stderr)
@@ -121,4 +122,4 @@ def convert(model: str, out: str | os.PathLike, method: str = "mlpmoe", opts: Me
         overrides_fn = finetuned_overrides_fn(ckpt, adapter, opts.calib, finetune, prov, progress)
     return write_model_file(ckpt, adapter, [], out, outtype, prov, progress,
                             make_plans_fn=lambda: make_plans(ckpt, adapter, method, opts, progress),
-                            overrides_fn=overrides_fn)
+                            overrides_fn=overrides_fn, shared_as_routed=opts.shared_layout == "experts")

@@ -100,7 +100,7 @@ class TensorPlanner:
     """Decides every tensor of the output file (name, shape, type) and how to produce its data lazily."""
 
     def __init__(self, ckpt: Checkpoint, adapter: Adapter, plans: list[MoEPlan], outtype: str,
-                 overrides: dict[str, torch.Tensor] | None = None):
+                 overrides: dict[str, torch.Tensor] | None = None, n_shared_exps: int = 0):
         import gguf
         self.ckpt, self.adapter, self.plans, self.outtype = ckpt, adapter, plans, outtype
         self.overrides = overrides or {}
@@ -109,7 +109,7 @@ class TensorPlanner:
         self.fallbacks: list[str] = []
         self.tied = not ckpt.has("lm_head.weight") or bool(ckpt.config.get("tie_word_embeddings", False))
         self.merge_gate_up = plans[0].gating != "softmax"   # patched runtime (softmax gating: --runtime stock)
-        self.n_shared_exps = shared_as_experts(plans)
+        self.n_shared_exps = n_shared_exps   # the shared expert as that many always-selected experts (0: separate)
         self._memo: tuple[int, dict] | None = None
         cfg = ckpt.config
         self.n_head = int(cfg["num_attention_heads"])
@@ -277,7 +277,8 @@ def output_temp_path(out: Path) -> Path:
 
 
 def write_gguf(out_tmp: Path, ckpt: Checkpoint, adapter: Adapter, plans: list[MoEPlan], outtype: str,
-               provenance: dict, progress: bool = True, overrides: dict[str, torch.Tensor] | None = None) -> list[str]:
+               provenance: dict, progress: bool = True, overrides: dict[str, torch.Tensor] | None = None,
+               shared_as_routed: bool = True) -> list[str]:
     """Write the GGUF to ``out_tmp``; returns the names of tensors that fell back to f16. ``overrides`` replaces
     tensors by name: checkpoint tensors by their HF name (HF layout), expert tensors by their GGUF name
     (``expert_tensor_name``, expert layout), e.g. the merged weights of a fine-tuned model."""
@@ -303,7 +304,8 @@ def write_gguf(out_tmp: Path, ckpt: Checkpoint, adapter: Adapter, plans: list[Mo
         if key in skip:
             continue
         _copy_key(writer, key, value, types)
-    n_sh = shared_as_experts(plans)   # the shared expert as n always-selected experts (see TensorPlanner)
+    # the shared expert as n always-selected experts where possible (shared_as_experts), unless asked to keep it apart
+    n_sh = shared_as_experts(plans) if shared_as_routed else 0
     writer.add_expert_count(p0.n_experts + n_sh)
     used = [p.top_k + n_sh for p in plans]
     if len(set(used)) == 1:
@@ -337,7 +339,7 @@ def write_gguf(out_tmp: Path, ckpt: Checkpoint, adapter: Adapter, plans: list[Mo
     writer.add_string("gguf_moeify.provenance", json.dumps(provenance, sort_keys=True))
     writer.add_string("gguf_moeify.plan", json.dumps([p.summary() for p in plans], sort_keys=True))
 
-    planner = TensorPlanner(ckpt, adapter, plans, outtype, overrides)
+    planner = TensorPlanner(ckpt, adapter, plans, outtype, overrides, n_sh)
     entries = planner.entries()
     for e in entries:
         dtype, shape = _encoded_layout(e.shape, e.qtype)

@@ -132,6 +132,15 @@ def test_shared_expert_written_as_always_selected_experts(tiny_models, tmp_path)
     assert np.array_equal(shared_up, up[idx]) and np.array_equal(shared_down, down[:, idx])
     from gguf_moeify.inspect_gguf import inspect_gguf
     assert "the shared expert: the first 2 experts" in inspect_gguf(str(out))
+    # --shared-layout separate: the plan's own layout, the shared expert in its own tensors
+    sep = tmp_path / "sep.gguf"
+    convert(str(tiny_models["llama"]), sep, "mlpmoe", MethodOptions(experts=8, shared=2, top_k=3,
+            shared_layout="separate"), "f32", progress=False)
+    r = gguf.GGUFReader(sep)
+    f, t = _fields(r), {x.name: np.asarray(x.data) for x in r.tensors}
+    assert f["llama.expert_count"] == 6 and f["llama.expert_used_count"] == 3
+    assert f["llama.expert_shared_feed_forward_length"] == 64 and "gguf_moeify.always_selected_experts" not in f
+    assert "blk.1.exp_probs_b.bias" not in t and np.array_equal(t["blk.1.ffn_gate_shexp.weight"], shared_gate)
 
 
 def test_shared_as_experts_only_when_the_widths_divide():

@@ -21,6 +21,7 @@ class MethodOptions:
     seed: int = 0               # calibration windows, k-means initialisation, router training
     layer_budget: str = "uniform"   # "sensitivity": per-layer top-k from measured error curves (same average)
     runtime: str = "patched"        # "stock": plans expressed for unmodified llama.cpp (stock.py)
+    shared_layout: str = "experts"  # patched runtime: shared expert as always-selected experts, or "separate"
     extra: dict = field(default_factory=dict)   # method-specific: cmoe "ka"; moefication "split", "router"
 
     @property
