@@ -8,6 +8,10 @@ Types: 1-D tensors (norms, biases) and router tensors stay f32 (llama.cpp never 
 weights take --outtype. q8_0/q4_0 need a last dimension that is a multiple of 32: a tensor that is not falls back
 to f16 (reported). In q4_0 files the token embedding and output projection are kept at q8_0, as llama-quantize
 keeps the output at a higher precision.
+
+Layout for the patched runtime: each expert's gate and up rows in one ``ffn_gate_up_exps`` tensor, and a shared
+expert whose width is a multiple of the expert width written as always-selected routed experts (see
+``shared_as_experts``); ``--runtime stock`` files keep the tensors unmodified llama.cpp reads.
 """
 from __future__ import annotations
 
@@ -281,7 +285,8 @@ def write_gguf(out_tmp: Path, ckpt: Checkpoint, adapter: Adapter, plans: list[Mo
                shared_as_routed: bool = True) -> list[str]:
     """Write the GGUF to ``out_tmp``; returns the names of tensors that fell back to f16. ``overrides`` replaces
     tensors by name: checkpoint tensors by their HF name (HF layout), expert tensors by their GGUF name
-    (``expert_tensor_name``, expert layout), e.g. the merged weights of a fine-tuned model."""
+    (``expert_tensor_name``, expert layout), e.g. the merged weights of a fine-tuned model. ``shared_as_routed``
+    False keeps the shared expert in its own tensors (``--shared-layout separate``)."""
     import gguf
     check_plans_uniform(plans)
     p0 = plans[0]
