@@ -104,7 +104,8 @@ class TensorPlanner:
     """Decides every tensor of the output file (name, shape, type) and how to produce its data lazily."""
 
     def __init__(self, ckpt: Checkpoint, adapter: Adapter, plans: list[MoEPlan], outtype: str,
-                 overrides: dict[str, torch.Tensor] | None = None, n_shared_exps: int = 0):
+                 overrides: dict[str, torch.Tensor] | None = None, n_shared_exps: int = 0,
+                 merge_gate_up: bool = True):
         import gguf
         self.ckpt, self.adapter, self.plans, self.outtype = ckpt, adapter, plans, outtype
         self.overrides = overrides or {}
@@ -112,7 +113,7 @@ class TensorPlanner:
         self.base = _qtype(outtype)
         self.fallbacks: list[str] = []
         self.tied = not ckpt.has("lm_head.weight") or bool(ckpt.config.get("tie_word_embeddings", False))
-        self.merge_gate_up = plans[0].gating != "softmax"   # patched runtime (softmax gating: --runtime stock)
+        self.merge_gate_up = merge_gate_up   # patched runtime; --runtime stock files keep the two tensors
         self.n_shared_exps = n_shared_exps   # the shared expert as that many always-selected experts (0: separate)
         self._memo: tuple[int, dict] | None = None
         cfg = ckpt.config
@@ -344,7 +345,7 @@ def write_gguf(out_tmp: Path, ckpt: Checkpoint, adapter: Adapter, plans: list[Mo
     writer.add_string("gguf_moeify.provenance", json.dumps(provenance, sort_keys=True))
     writer.add_string("gguf_moeify.plan", json.dumps([p.summary() for p in plans], sort_keys=True))
 
-    planner = TensorPlanner(ckpt, adapter, plans, outtype, overrides, n_sh)
+    planner = TensorPlanner(ckpt, adapter, plans, outtype, overrides, n_sh, merge_gate_up=not stock)
     entries = planner.entries()
     for e in entries:
         dtype, shape = _encoded_layout(e.shape, e.qtype)
