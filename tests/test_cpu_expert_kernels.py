@@ -70,9 +70,12 @@ def test_decode_all_experts_active_equals_dense(tools, kquant_model, text_file, 
     """One token per micro-batch, as in decoding: the single-row paths of the experts (patch 0009 walks each thread's
     slice of an expert in parts while prefetching the next experts; 8 experts of 128 neurons here give several parts
     per slice), repacked (gemv) and not (vec_dot), compute the very rows of the dense file. Micro-batches of 1 and 3
-    tokens read each activation row where 0010 quantized it once (one row for all experts of a token in gate/up)."""
+    tokens read each activation row where 0010 quantized it once (one row for all experts of a token in gate/up).
+    0014 cuts the used experts' rows into one contiguous range per thread: with 3 threads the ranges end inside
+    experts."""
     _assert_all_experts_active_equals_dense(tools, kquant_model, 8, "q4_0", text_file, tmp_path,
-                                            (["-ub", "1"], ["-ub", "3"], ["-ub", "1", "--no-repack"]))
+                                            (["-ub", "1"], ["-ub", "3"], ["-ub", "1", "-t", "3"],
+                                             ["-ub", "3", "-t", "3"], ["-ub", "1", "--no-repack"]))
 
 
 def test_routed_repacked_equals_plain_cpu_path(tools, tiny_models, text_file, tmp_path):
