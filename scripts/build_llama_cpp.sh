@@ -18,6 +18,8 @@
 #   ${GGUF_MOEIFY_CACHE:-~/.cache/gguf_moeify}/builds/<commit>-<backend>-<sha256 of patches/*.patch | stock>/src
 # where patches/*.patch are applied in order with `patch -p1`, and built in .../build. The cache lives outside the
 # clone, so CI on the same machine reuses it; when a build for the key is complete this script only re-copies.
+# Each edit of patches/ makes a new key (~300 MB a CPU build): after a patched build, only the
+# GGUF_MOEIFY_KEEP_BUILDS (default 3) most recently used patched builds of the commit and backend are kept.
 #
 # CMake flags (all backends):
 #   -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_CURL=OFF
@@ -27,7 +29,7 @@
 #   -DLLAMA_BUILD_SERVER=OFF unless --with-cli; -DLLAMA_OPENSSL=OFF
 # Output: <project>/build/llama-cpp/bin (patched) or <project>/build/llama-cpp-stock/bin (--stock), plus BUILD_INFO.
 # Environment: PYTHON (interpreter with gguf_moeify importable; default .venv/bin/python), GGUF_MOEIFY_CACHE,
-#              LLAMA_CPP_DIR, JOBS (parallel build jobs; default nproc), EXTRA_CMAKE_ARGS.
+#              LLAMA_CPP_DIR, JOBS (parallel build jobs; default nproc), EXTRA_CMAKE_ARGS, GGUF_MOEIFY_KEEP_BUILDS.
 set -euo pipefail
 
 COMMIT=0c1e57098
@@ -206,5 +208,16 @@ mv "$OUT/bin.tmp" "$OUT/bin"
     for p in "${PATCHES[@]}"; do echo "patch=$(basename "$p")"; done
     echo "work_dir=$WORK"
 } > "$OUT/BUILD_INFO"
+# ---- prune older patched builds of this commit and backend (the stock build stays)
+if [[ $STOCK == 0 ]]; then
+    KEEP="${GGUF_MOEIFY_KEEP_BUILDS:-3}"
+    [[ "$KEEP" =~ ^[1-9][0-9]*$ ]] || die "GGUF_MOEIFY_KEEP_BUILDS must be a positive integer, not '$KEEP'"
+    touch "$WORK"  # "used now", also when the build came from the cache
+    { ls -1dt "$CACHE/builds/$COMMIT-$BACKEND-"* 2>/dev/null || true; } | { grep -v -- '-stock$' || true; } \
+        | tail -n +$((KEEP + 1)) | while read -r old; do
+            echo "[build_llama_cpp] removing an older patched build: $old"
+            rm -rf "$old"
+        done
+fi
 step ""
 echo "[build_llama_cpp] done in $((SECONDS - T_START)) s: $OUT/bin"
