@@ -67,9 +67,9 @@ def test_quantized_all_experts_active_equals_dense(tools, tiny_models, kquant_mo
 
 
 def test_decode_all_experts_active_equals_dense(tools, kquant_model, text_file, tmp_path):
-    """One token per micro-batch, as in decoding: the single-row paths of the experts (patch 0009 walks each thread's
-    slice of an expert in parts while prefetching the next experts; 8 experts of 128 neurons here give several parts
-    per slice), repacked (gemv) and not (vec_dot), compute the very rows of the dense file. Micro-batches of 1 and 3
+    """One token per micro-batch, as in decoding: the single-row paths of the experts (patch 0009 walks a thread's
+    short run of an expert in parts while prefetching the next expert; the 18 KB down experts here give several parts
+    per run), repacked (gemv) and not (vec_dot), compute the very rows of the dense file. Micro-batches of 1 and 3
     tokens read each activation row where 0010 quantized it once (one row for all experts of a token in gate/up).
     0014 cuts the used experts' rows into one contiguous range per thread: with 3 threads the ranges end inside
     experts."""
