@@ -68,12 +68,12 @@ def test_quantized_all_experts_active_equals_dense(tools, tiny_models, kquant_mo
 
 def test_decode_all_experts_active_equals_dense(tools, kquant_model, text_file, tmp_path):
     """One token per micro-batch, as in decoding: the single-row paths of the experts (patch 0009 walks a thread's
-    short run of an expert in parts while prefetching the next expert; the 18 KB down experts here give several parts
+    short run of an expert in parts while prefetching the next expert; the 9 KB down experts here give several parts
     per run), repacked (gemv) and not (vec_dot), compute the very rows of the dense file. Micro-batches of 1 and 3
     tokens read each activation row where 0010 quantized it once (one row for all experts of a token in gate/up).
     0014 cuts the used experts' rows into one contiguous range per thread: with 3 threads the ranges end inside
-    experts."""
-    _assert_all_experts_active_equals_dense(tools, kquant_model, 8, "q4_0", text_file, tmp_path,
+    experts. 0015 sums the 16 experts' outputs inside the down product in two blocks of 8."""
+    _assert_all_experts_active_equals_dense(tools, kquant_model, 16, "q4_0", text_file, tmp_path,
                                             (["-ub", "1"], ["-ub", "3"], ["-ub", "1", "-t", "3"],
                                              ["-ub", "3", "-t", "3"], ["-ub", "1", "--no-repack"]))
 
