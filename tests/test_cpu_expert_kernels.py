@@ -9,6 +9,7 @@ on quantized files, in prompt processing (llama-perplexity evaluates batches of 
 - routed (top-2 of 4, uneven rows per expert): the repacked path equals the plain CPU path (``--no-repack``).
 Micro-batches of 50 tokens, so experts get row counts that are not multiples of 4; and, for decoding (patches 0009,
 0010), micro-batches of one and three tokens: all experts active == the dense file, q4_0 repacked and not.
+And the q4_0 gemv of 0016 (AVX512-VNNI): a dense file decoded on the patched build == the stock build.
 """
 from __future__ import annotations
 
@@ -76,6 +77,19 @@ def test_decode_all_experts_active_equals_dense(tools, kquant_model, text_file, 
     _assert_all_experts_active_equals_dense(tools, kquant_model, 16, "q4_0", text_file, tmp_path,
                                             (["-ub", "1"], ["-ub", "3"], ["-ub", "1", "-t", "3"],
                                              ["-ub", "3", "-t", "3"], ["-ub", "1", "--no-repack"]))
+
+
+def test_decode_gemv_q4_0_equals_stock(tools, stock_tools, smollm2_dir, text_file, tmp_path):
+    """0016 gives the q4_0 gemv (one activation row: decoding, dense and experts alike) an AVX512-VNNI kernel meant to
+    be bit-identical to the stock one: a dense q4_0 file decoded in micro-batches of 1 and 3 tokens gives the stock
+    build's chunk perplexities. d_ff 8448 makes the down rows 264 blocks long, so the kernel's second pass over
+    activation blocks (256 at a time) runs too. (Without AVX512-VNNI both builds run the stock kernel.)"""
+    model = make_tiny_model("llama", tmp_path / "wide", smollm2_dir, seed=11, intermediate_size=8448)
+    dense = _quantized(tools, _dense_reference_gguf(model, tmp_path / "dense.gguf"), "q4_0", tmp_path)
+    for extra in (["-ub", "1"], ["-ub", "3", "-t", "3"]):
+        patched, stock = _ppl(tools, dense, text_file, extra), _ppl(stock_tools, dense, text_file, extra)
+        assert patched.n_chunks == stock.n_chunks == CHUNKS
+        assert (patched.chunk_ppls, patched.final_ppl) == (stock.chunk_ppls, stock.final_ppl), extra
 
 
 def test_routed_repacked_equals_plain_cpu_path(tools, tiny_models, text_file, tmp_path):
