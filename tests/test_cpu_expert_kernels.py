@@ -73,7 +73,8 @@ def test_decode_all_experts_active_equals_dense(tools, kquant_model, text_file, 
     per run), repacked (gemv) and not (vec_dot), compute the very rows of the dense file. Micro-batches of 1 and 3
     tokens read each activation row where 0010 quantized it once (one row for all experts of a token in gate/up).
     0014 cuts the used experts' rows into one contiguous range per thread: with 3 threads the ranges end inside
-    experts. 0015 sums the 16 experts' outputs inside the down product in two blocks of 8."""
+    experts. 0015 sums the 16 experts' outputs inside the down product in two blocks of 8 (for one token, on
+    AVX512-VNNI: 0017's kernel, the block's experts side by side)."""
     _assert_all_experts_active_equals_dense(tools, kquant_model, 16, "q4_0", text_file, tmp_path,
                                             (["-ub", "1"], ["-ub", "3"], ["-ub", "1", "-t", "3"],
                                              ["-ub", "3", "-t", "3"], ["-ub", "1", "--no-repack"]))
