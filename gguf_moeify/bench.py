@@ -274,7 +274,7 @@ def _opts_for(c: Config, args, work: Path | None = None):
     if c.method == "tomoe":  # its training state in the work folder: every outtype (and a rerun) reuses it
         state = {"state": str(work / f"{c.slug}.tomoe-state.pt")} if work is not None else {}
         return MethodOptions(experts=c.experts, shared=0, top_k=None, calib=args.calib, seed=args.seed,
-                             extra={"budget": c.budget, **state})
+                             router_dtype=args.router_dtype, extra={"budget": c.budget, **state})
     extra = {}
     if c.method == "moefication":
         extra = {"split": args.split, "router": args.router or "similarity"}
@@ -284,7 +284,7 @@ def _opts_for(c: Config, args, work: Path | None = None):
     budget = "uniform" if c.method == "mlpmoe" else args.layer_budget
     return MethodOptions(experts=c.experts, shared=c.shared, top_k=c.top_k, calib=calib,
                          calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
-                         layer_budget=budget, extra=extra)
+                         layer_budget=budget, router_dtype=args.router_dtype, extra=extra)
 
 
 def _file_provenance(path: Path) -> dict | None:
@@ -326,15 +326,16 @@ class MoEFiles:
 
 
 # ---------------------------------------------------------------- synthetic files
-def synthetic_file(shape, c: Config, work: Path, seed: int) -> tuple[Path, bool]:
+def synthetic_file(shape, c: Config, work: Path, seed: int, router_dtype: str = "f32") -> tuple[Path, bool]:
     import gguf
-    from .synthetic import write_synthetic
+    from .synthetic import synthetic_recipe, write_synthetic
     experts, top_k = (0, 0) if c.method == "dense" else (c.experts, c.top_k)
     if c.shared:
         raise UserError("synthetic MoE files have no shared expert: use S0 (e.g. moe:S0A4E16:q4_0)")
-    out = work / f"SYNTHETIC-{shape.name}-{c.slug}-{c.outtype}.gguf"
-    want = {"synthetic": True, "shape": asdict(shape), "outtype": c.outtype, "experts": experts, "top_k": top_k,
-            "seed": seed, "weights": "random"}
+    router_dtype = router_dtype if experts else "f32"
+    tag = "" if router_dtype == "f32" else f"-router_{router_dtype}"
+    out = work / f"SYNTHETIC-{shape.name}-{c.slug}{tag}-{c.outtype}.gguf"
+    want = synthetic_recipe(shape, c.outtype, experts, top_k, seed, router_dtype)
     if out.is_file():
         try:
             f = gguf.GGUFReader(out).fields.get("gguf_moeify.synthetic_recipe")
@@ -342,7 +343,7 @@ def synthetic_file(shape, c: Config, work: Path, seed: int) -> tuple[Path, bool]
                 return out, True
         except Exception:
             pass
-    return write_synthetic(out, shape, c.outtype, experts, top_k, seed), False
+    return write_synthetic(out, shape, c.outtype, experts, top_k, seed, router_dtype=router_dtype), False
 
 
 # ---------------------------------------------------------------- outputs
@@ -476,6 +477,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="moefication router (default: similarity); finegrained router (default: linear)")
     p.add_argument("--layer-budget", default="uniform", choices=("uniform", "sensitivity"),
                    help="data-driven methods: per-layer top-k (see convert --help) (default: %(default)s)")
+    p.add_argument("--router-dtype", default="f32", choices=("f32", "f16"),
+                   help="type of the MoE files' router matrices (see convert --help) (default: %(default)s)")
     p.add_argument("--work-dir", default=None, help="where model files are written and reused "
                                                     "(default: OUT_DIR/models)")
     p.add_argument("--out-dir", "-o", default="out/bench", help="results folder (default: %(default)s)")
@@ -560,7 +563,7 @@ def main(argv: list[str]) -> int:
             t0 = time.time()
             if synthetic:
                 prog.step(i, f"SYNTHETIC {args.synthetic} {c.label}", "writing random-weight file")
-                path, reused = synthetic_file(SHAPES[args.synthetic], c, work, args.seed)
+                path, reused = synthetic_file(SHAPES[args.synthetic], c, work, args.seed, args.router_dtype)
             elif c.method == "dense":
                 prog.step(i, c.label, "converting with llama.cpp's converter")
                 path, reused = dense_gguf(args.model, c.outtype, work, tools)

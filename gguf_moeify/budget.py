@@ -24,10 +24,9 @@ SAMPLE_TOKENS = 2048
 @torch.no_grad()
 def error_curve(moe, x: torch.Tensor, resid: torch.Tensor, dense_out: torch.Tensor) -> np.ndarray:
     """e(k) for k = 1..E_r (index k-1) for an MoEMLP ``moe`` on MLP inputs x (T, d); resid and dense_out (T, d)."""
-    from .moe_torch import router_scores
     x, resid, dense_out = x.float(), resid.float(), dense_out.float()
     n_exp = moe.gate_exps.shape[0]
-    order = torch.argsort(router_scores(moe.router_kind, moe.router, x, moe.act), dim=1, descending=True)
+    order = torch.argsort(moe.scores(x), dim=1, descending=True)
     acc = torch.zeros_like(x)
     if moe.has_shared:
         acc += (moe.act(x @ moe.gate_shexp.t()) * (x @ moe.up_shexp.t())) @ moe.down_shexp.t()

@@ -77,6 +77,10 @@ def _method_args(p: argparse.ArgumentParser) -> None:
                         "is a multiple of the expert width (one expert FFN per layer: faster decoding, slower "
                         "prompt processing with many small experts) or as a separate shared expert (default: "
                         "%(default)s)")
+    g.add_argument("--router-dtype", default="f32", choices=("f32", "f16"),
+                   help="patched runtime: type of the router's matrices in the file. f16 halves their bytes (with "
+                        "hundreds of small experts an f32 router is several %% of what each token reads) and the "
+                        "torch reference rounds as llama.cpp's CPU backend does (default: %(default)s)")
     t = p.add_argument_group("tomoe (trained masks and router; the model's weights stay frozen)")
     t.add_argument("--budget", type=float, default=None, metavar="P",
                    help="tomoe: target fraction of MLP neurons active per token (default: 0.5)")
@@ -178,7 +182,7 @@ def _opts(args) -> MethodOptions:
     return MethodOptions(experts=experts, shared=shared, top_k=top_k, variant=args.variant, keep=args.keep,
                          calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                          seed=args.seed, layer_budget=args.layer_budget, runtime=args.runtime,
-                         shared_layout=args.shared_layout, extra=extra)
+                         shared_layout=args.shared_layout, router_dtype=args.router_dtype, extra=extra)
 
 
 def _lora(args):

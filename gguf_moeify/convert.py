@@ -21,7 +21,17 @@ from .plan import MoEPlan
 def make_plans(ckpt: Checkpoint, adapter: Adapter, method_name: str, opts: MethodOptions,
                progress: bool = True) -> list[MoEPlan]:
     """One plan per decoder layer; only that layer's MLP weights are in memory at a time. Methods that need
-    calibration go through the layer-sequential pipeline (one decoder layer plus the calibration states)."""
+    calibration go through the layer-sequential pipeline (one decoder layer plus the calibration states).
+    Routers are rounded to ``opts.router_dtype`` last (calibration runs with f32 routers; fine-tuning, which comes
+    after, and the file with the rounded ones)."""
+    plans = _method_plans(ckpt, adapter, method_name, opts, progress)
+    for plan in plans:
+        plan.router.dtype = opts.router_dtype
+    return plans
+
+
+def _method_plans(ckpt: Checkpoint, adapter: Adapter, method_name: str, opts: MethodOptions,
+                  progress: bool) -> list[MoEPlan]:
     method = get_method(method_name)
     opts = resolve_options(method_name, opts, ckpt.d_ff)
     method.validate(opts, ckpt.d_ff)

@@ -294,8 +294,8 @@ def refit_routers(model, moes: list[MoEMLP], windows: torch.Tensor, held_loss) -
         norms = torch.cat([moe._all_experts(x[i:i + rows].to(moe.gate_exps.dtype), w).norm(dim=-1)
                            for i in range(0, len(x), rows)])
         weight = fit_linear_router(x, norms.float())
-        moe.router["weight"] = torch.as_tensor(weight, dtype=moe.gate_exps.dtype)
         moe.plan.router.tensors = {"weight": weight}
+        moe.router["weight"] = torch.as_tensor(moe.plan.router.tensors["weight"], dtype=moe.gate_exps.dtype)
     return held_loss()
 
 

@@ -4,10 +4,10 @@ Tensor infos are computed from the plans and the checkpoint's shapes first (gguf
 then each layer's weights are read, split into experts, quantized and written, and freed. The file is written
 under a temporary name in the target folder and renamed at the end: a failed run leaves no output file.
 
-Types: 1-D tensors (norms, biases) and router tensors stay f32 (llama.cpp never quantizes ffn_gate_inp); other
-weights take --outtype. q8_0/q4_0 need a last dimension that is a multiple of 32: a tensor that is not falls back
-to f16 (reported). In q4_0 files the token embedding and output projection are kept at q8_0, as llama-quantize
-keeps the output at a higher precision.
+Types: 1-D tensors (norms, biases) and router tensors stay f32 (llama.cpp never quantizes ffn_gate_inp), the
+router's matrices f16 with --router-dtype f16; other weights take --outtype. q8_0/q4_0 need a last dimension that
+is a multiple of 32: a tensor that is not falls back to f16 (reported). In q4_0 files the token embedding and output
+projection are kept at q8_0, as llama-quantize keeps the output at a higher precision.
 
 Layout for the patched runtime: each expert's gate and up rows in one ``ffn_gate_up_exps`` tensor, and a shared
 expert whose width is a multiple of the expert width written as always-selected routed experts (see
@@ -198,7 +198,8 @@ class TensorPlanner:
                     out.append(Entry(name, shape, self._type_for(name, shape), produce))
             for key, gg in ROUTER_TENSOR_NAMES[plan.router.kind].items():
                 arr = self._router(plan, key)
-                out.append(Entry(f"blk.{i}.{gg}", arr.shape, self.T.F32, (lambda a: lambda: a)(arr)))
+                qtype = self.T.F16 if plan.router.dtype == "f16" and arr.ndim == 2 else self.T.F32
+                out.append(Entry(f"blk.{i}.{gg}", arr.shape, qtype, (lambda a: lambda: a)(arr)))
             d, n_exp, n_sh = ck.n_embd, plan.n_experts + self.n_shared_exps, self.n_shared_exps
             if n_sh:
                 bias = np.concatenate([np.full(n_sh, ALWAYS_SELECTED_BIAS), np.zeros(plan.n_experts, np.float32)])

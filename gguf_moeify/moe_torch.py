@@ -15,13 +15,18 @@ from .plan import MoEPlan, expert_tensors
 ACTIVATIONS = {"silu": F.silu}
 
 
-def router_scores(kind: str, t: dict[str, torch.Tensor], x: torch.Tensor, act=F.silu) -> torch.Tensor:
+def router_scores(kind: str, t: dict[str, torch.Tensor], x: torch.Tensor, act=F.silu,
+                  dtype: str = "f32") -> torch.Tensor:
+    """Router scores (T, E). ``dtype`` "f16" (matrices stored in f16): each product's input is rounded to f16 as
+    well, as llama.cpp's CPU backend converts the activations to the weights' type before the dot products."""
+    def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return (a.to(torch.float16).to(a.dtype) if dtype == "f16" else a) @ w.t()
     if kind == "linear":
-        return x @ t["weight"].t()
+        return mm(x, t["weight"])
     if kind == "cmoe":
-        return ((x @ t["up"].t()) * act(x @ t["gate"].t())).abs()
+        return (mm(x, t["up"]) * act(mm(x, t["gate"]))).abs()
     if kind == "mlp":
-        return torch.tanh(x @ t["w1"].t() + t["b1"]) @ t["w2"].t() + t["b2"]
+        return mm(torch.tanh(mm(x, t["w1"]) + t["b1"]), t["w2"]) + t["b2"]
     raise ValueError(kind)
 
 
@@ -37,7 +42,7 @@ class MoEMLP(nn.Module):
         self.oracle = oracle
         self.act = ACTIVATIONS[act]
         self.top_k = plan.top_k
-        self.router_kind = plan.router.kind
+        self.router_kind, self.router_dtype = plan.router.kind, plan.router.dtype
         for name, w in expert_tensors(plan, gate, up, down).items():
             self.register_buffer(name, w, persistent=False)
         self.router = {k: torch.as_tensor(v, dtype=gate.dtype) for k, v in plan.router.tensors.items()}
@@ -60,6 +65,10 @@ class MoEMLP(nn.Module):
         h = self.act(x @ w["gate_exps"][e].t()) * (x @ w["up_exps"][e].t())
         return h @ w["down_exps"][e].t()
 
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """The router's scores (T, E) for rows of x, as the file computes them."""
+        return router_scores(self.router_kind, self.router, x, self.act, self.router_dtype)
+
     def trainable_router(self) -> list[nn.Parameter]:
         """Make the router's tensors parameters (trained through the top-k by a straight-through estimator)."""
         self.router = nn.ParameterDict({k: nn.Parameter(v.detach().clone()) for k, v in self.router.items()})
@@ -74,10 +83,10 @@ class MoEMLP(nn.Module):
         """Back to plain router tensors; the trained values go into the plan, which the GGUF writer reads."""
         if not self.router_trainable:
             return
-        tensors = {k: v.detach().clone() for k, v in self.router.items()}
+        dtype = next(iter(self.router.values())).dtype
+        self.plan.router.tensors = {k: v.detach().float().numpy() for k, v in self.router.items()}
         del self.router
-        self.router = tensors
-        self.plan.router.tensors = {k: v.float().numpy() for k, v in tensors.items()}
+        self.router = {k: torch.as_tensor(v, dtype=dtype) for k, v in self.plan.router.tensors.items()}  # as stored
 
     def _all_experts(self, x: torch.Tensor, w: dict) -> torch.Tensor:
         """(T, E, d): every routed expert's output for every row of x."""
@@ -89,7 +98,7 @@ class MoEMLP(nn.Module):
         """Unit-gate forward with a gradient for the router: the value is the hard top-k sum (the file's
         semantics), the backward pass sees each expert weighted by sigmoid((score - threshold) / spread), the
         threshold halfway between the k-th and (k+1)-th score, so unchosen experts get a gradient too."""
-        scores = router_scores(self.router_kind, self.router, x, self.act)
+        scores = self.scores(x)
         k, n_exp = self.top_k, scores.shape[-1]
         top = torch.topk(scores.detach(), min(k + 1, n_exp), dim=-1)
         thr = top.values[:, k - 1:k] if k == n_exp else (top.values[:, k - 1:k] + top.values[:, k:k + 1]) / 2
@@ -103,7 +112,7 @@ class MoEMLP(nn.Module):
             # (the finegrained router's own target; the input detached so only the router fits it)
             from .methods.finegrained import log_norm_targets
             target = log_norm_targets(y.detach().norm(dim=-1)).to(scores.dtype)
-            pred = router_scores(self.router_kind, self.router, x.detach(), self.act)
+            pred = self.scores(x.detach())
             self.router_fit_loss = F.mse_loss(pred, target)
         return torch.einsum("te,ted->td", gates.to(x.dtype), y)
 
@@ -118,7 +127,7 @@ class MoEMLP(nn.Module):
             chosen = torch.topk(scores, self.top_k, dim=-1).indices
             unfold = 1.0 / self.plan.expert_scale
             return chosen, None if unfold == 1.0 else torch.full(chosen.shape, unfold, dtype=x.dtype)
-        scores = router_scores(self.router_kind, self.router, x, self.act)
+        scores = self.scores(x)
         if self.plan.gating == "unit":
             return torch.topk(scores, self.top_k, dim=-1).indices, None
         # stock llama.cpp: the top-k of the float32 softmax over all experts, weighted by it (renormalised)

@@ -64,6 +64,9 @@ def stock_target(adapter_name: str, has_shared: bool) -> StockTarget:
 
 def check_stock_options(opts, config: dict, adapter_name: str) -> None:
     """Cheap checks before any work."""
+    if opts.router_dtype != "f32":
+        raise UserError("--router-dtype f16 needs the patched runtime (a stock router's logits are scaled to a "
+                        "spread of 0.01, so that its softmax weights stay within 1% of equal: f16 would reorder them)")
     if opts.layer_budget != "uniform":
         raise UserError("--layer-budget sensitivity needs the patched runtime (stock llama.cpp uses one top-k for "
                         "every layer)")

@@ -87,10 +87,20 @@ def _tokenizer_keys(path: str) -> list:
     return [(k, f.contents(), list(f.types)) for k, f in reader.fields.items() if k.startswith("tokenizer.")]
 
 
+def synthetic_recipe(shape: Shape, outtype: str, experts: int, top_k: int, seed: int,
+                     router_dtype: str = "f32") -> dict:
+    """What a synthetic file records of how it was made (``gguf_moeify.synthetic_recipe``)."""
+    recipe = {"synthetic": True, "shape": asdict(shape), "outtype": outtype, "experts": experts, "top_k": top_k,
+              "seed": seed, "weights": "random"}
+    return recipe if router_dtype == "f32" else {**recipe, "router_dtype": router_dtype}   # older files: f32
+
+
 def write_synthetic(out: str | os.PathLike, shape: Shape, outtype: str = "q4_0", experts: int = 0, top_k: int = 0,
-                    seed: int = 0, tokenizer_gguf: str | os.PathLike | None = None, ctx: int = 4096) -> Path:
+                    seed: int = 0, tokenizer_gguf: str | os.PathLike | None = None, ctx: int = 4096,
+                    router_dtype: str = "f32") -> Path:
     """Write a SYNTHETIC dense (``experts == 0``) or MoE (E ``experts``, ``top_k`` used, unit weights) GGUF.
-    Embedding (tied output) is q8_0 in q4_0 files, as the converter does. Written via a temporary file."""
+    Embedding (tied output) is q8_0 in q4_0 files, as the converter does; the router f32 or ``router_dtype``.
+    Written via a temporary file."""
     import gguf
     if outtype not in _TYPES:
         raise UserError(f"synthetic models support {', '.join(_TYPES)}, not {outtype!r}")
@@ -104,8 +114,7 @@ def write_synthetic(out: str | os.PathLike, shape: Shape, outtype: str = "q4_0",
     n_vocab = len(next(v for k, v, _ in tok_keys if k == "tokenizer.ggml.tokens"))
     d, hd = shape.n_embd, shape.n_embd // shape.n_head
     kind = f"MoE E{experts} K{top_k} ({top_k / experts:.0%} active)" if experts else "dense"
-    meta = {"synthetic": True, "shape": asdict(shape), "outtype": outtype, "experts": experts, "top_k": top_k,
-            "seed": seed, "weights": "random"}
+    meta = synthetic_recipe(shape, outtype, experts, top_k, seed, router_dtype)
     tmp = out.with_name(f".{out.name}.tmp")
     w = gguf.GGUFWriter(str(tmp), "llama")
     w.add_name(f"SYNTHETIC {shape.name} {kind} random weights")
@@ -145,7 +154,7 @@ def write_synthetic(out: str | os.PathLike, shape: Shape, outtype: str = "q4_0",
                     (b + "ffn_norm.weight", (d,), "f32")]
         if experts:
             f = shape.n_ff // experts
-            entries += [(b + "ffn_gate_inp.weight", (experts, d), "f32"),
+            entries += [(b + "ffn_gate_inp.weight", (experts, d), router_dtype),
                         (b + "ffn_gate_up_exps.weight", (experts, 2 * f, d), outtype),
                         (b + "ffn_down_exps.weight", (experts, d, f), outtype)]
         else:
@@ -172,8 +181,9 @@ def write_synthetic(out: str | os.PathLike, shape: Shape, outtype: str = "q4_0",
         for name, shp, t in entries:
             if name.endswith("norm.weight"):
                 data = np.ones(shp, dtype=np.float32)
-            elif t == "f32":
+            elif t == "f32" or name.endswith("ffn_gate_inp.weight"):
                 data = rng.standard_normal(shp, dtype=np.float32) * np.float32(1 / np.sqrt(shp[-1]))
+                data = data.astype(np.float16) if t == "f16" else data
             else:
                 data = _random_tensor(rng, shp, t)
             w.write_tensor_data(data)

@@ -123,6 +123,11 @@ def test_synthetic_files_layout_and_bandwidth(tmp_path):
     assert bm["experts_active"] * 4 == bm["experts_all"] == bd["dense_ffn"]
     assert bm["attention"] == bd["attention"] and bm["output"] == bd["output"]
     assert bm["total"] == bd["total"] - bd["dense_ffn"] + bm["experts_active"] + bm["router"]
+    half = write_synthetic(tmp_path / "m16.gguf", shape, "q4_0", experts=16, top_k=4, router_dtype="f16")
+    r16 = gguf.GGUFReader(half)
+    assert {x.name: x for x in r16.tensors}["blk.0.ffn_gate_inp.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+    assert json.loads(r16.fields["gguf_moeify.synthetic_recipe"].contents())["router_dtype"] == "f16"
+    assert bytes_per_token(half)["router"] * 2 == bm["router"]
 
 
 def test_bytes_per_token_reads_per_layer_expert_counts(tmp_path):

@@ -144,6 +144,40 @@ def test_routed_parity_with_torch_reference(tools, tiny_models, text_file, tmp_p
     assert abs(ref.ppl - cpp.final_ppl) < 0.1 * abs(full.final_ppl - cpp.final_ppl)
 
 
+@pytest.mark.parametrize("kind", ["linear", "cmoe", "mlp"])
+def test_f16_router_parity_with_torch_reference(tools, tiny_models, text_file, tmp_path, kind):
+    """--router-dtype f16: the router's matrices are F16 in the file (biases F32) and llama.cpp's perplexity equals
+    the torch reference's, which computes with the rounded router. The linear router here has a large component
+    shared by all experts, so rounding to f16 moves every score by about the scores' spread: the same plan with its
+    f32 router is a different function (the reference must round as the file does)."""
+    import copy
+    routed = _routed_plans(kind, top_k=3)
+    unrounded = []
+
+    def make(ckpt, adapter):
+        plans = routed(ckpt, adapter)
+        for p in plans:
+            if kind == "linear":
+                w = p.router.tensors["weight"]
+                p.router.tensors = {"weight": w + 1000 * np.random.default_rng(p.layer).standard_normal(w.shape[1])}
+            unrounded.append(copy.deepcopy(p))
+            p.router.dtype = "f16"
+        return plans
+
+    out = tmp_path / "moe.gguf"
+    ckpt, adapter, plans = _write(tiny_models[kind == "mlp" and "qwen3" or "llama"], make, out)
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(out).tensors if ".ffn_gate_inp" in t.name
+             or ".ffn_up_inp" in t.name}
+    T = gguf.GGMLQuantizationType
+    assert types and all(t == (T.F32 if n.endswith(".bias") else T.F16) for n, t in types.items()), types
+    ref, cpp = _torch_and_llama_cpp(tools, out, ckpt, adapter, plans, text_file, tmp_path)
+    assert relative_difference(ref.ppl, cpp.final_ppl) < 1e-3, (ref.ppl, cpp.final_ppl)
+    if kind == "linear":
+        ref32, _ = _torch_and_llama_cpp(tools, out, ckpt, adapter, unrounded, text_file, tmp_path)
+        print(f"f16 router: torch {ref.ppl:.6f} llama.cpp {cpp.final_ppl:.6f} torch, f32 router {ref32.ppl:.6f}")
+        assert abs(ref.ppl - cpp.final_ppl) < 0.1 * abs(ref32.ppl - cpp.final_ppl)
+
+
 @pytest.fixture(scope="module")
 def smollm2_moe_f32(smollm2_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("smol") / "smollm2-mlpmoe-e8.f32.gguf"

@@ -120,6 +120,7 @@ def test_stock_errors_are_one_line(tiny_models, tmp_path, capsys):
         (["--method", "cmoe", "--config", "S1A1E4", "--calib", text, "--layer-budget", "sensitivity"],
          "needs the patched runtime"),
         (["--method", "mlpmoe", "-E", "4", "-S", "1", "--top-k", "2"], "needs calibration inputs"),
+        (["--method", "mlpmoe", "-E", "4", "--router-dtype", "f16"], "--router-dtype f16 needs the patched runtime"),
     ]
     for extra, message in cases:
         code = main([str(tiny_models["llama"]), str(tmp_path / "x.gguf"), "-q", "--runtime", "stock", *extra])
@@ -136,10 +137,10 @@ def test_llama3_rope_scaling_needs_the_mixtral_path():
     from types import SimpleNamespace
 
     from gguf_moeify.stock import check_stock_options
-    shared = SimpleNamespace(layer_budget="uniform", shared=2)
+    shared = SimpleNamespace(layer_budget="uniform", shared=2, router_dtype="f32")
     check_stock_options(shared, {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}, "llama")
     for config in ({"rope_parameters": {"rope_type": "llama3"}}, {"rope_scaling": {"rope_type": "llama3"}}):
         with pytest.raises(UserError, match="llama3 rope scaling"):
             check_stock_options(shared, config, "llama")
-    check_stock_options(SimpleNamespace(layer_budget="uniform", shared=0), {"rope_scaling": {"rope_type": "llama3"}},
-                        "llama")
+    check_stock_options(SimpleNamespace(layer_budget="uniform", shared=0, router_dtype="f32"),
+                        {"rope_scaling": {"rope_type": "llama3"}}, "llama")

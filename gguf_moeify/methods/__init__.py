@@ -22,6 +22,7 @@ class MethodOptions:
     layer_budget: str = "uniform"   # "sensitivity": per-layer top-k from measured error curves (same average)
     runtime: str = "patched"        # "stock": plans expressed for unmodified llama.cpp (stock.py)
     shared_layout: str = "experts"  # patched runtime: shared expert as always-selected experts, or "separate"
+    router_dtype: str = "f32"       # "f16": router matrices stored (and computed) in f16 (plan.ROUTER_DTYPES)
     extra: dict = field(default_factory=dict)   # method-specific: cmoe "ka"; moefication "split", "router"
 
     @property
