@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build llama.cpp (pinned commit 0c1e57098) with the gguf_moeify patch series, for the runtime tests and evaluation.
 #
-# Usage: bash scripts/build_llama_cpp.sh [cpu|cuda|metal] [--stock] [--with-cli]
+# Usage: bash scripts/build_llama_cpp.sh [cpu|cuda|metal] [--stock | --profile] [--with-cli]
 #   cpu (default)  plain CPU build
 #   cuda           adds -DGGML_CUDA=ON -DGGML_CUDA_NO_VMM=ON; cuBLAS comes from PyPI's nvidia-cublas wheel
 #                  (the venv's, else pip-installed once into the cache) and is passed to CMake by path
@@ -10,6 +10,8 @@
 #                  native, or 90 when no GPU is visible. A full sm_90 build takes ~25 min on 2 cores.
 #   metal          adds -DGGML_METAL=ON (macOS only)
 #   --stock        unpatched llama.cpp, only llama-perplexity and llama-completion (reference for "stock" files)
+#   --profile      the patch series plus scripts/profile/node-timer.patch (per-node timing), only llama-bench, into
+#                  build/llama-cpp-prof/bin, for scripts/profile_decode.py
 #   --with-cli     also build llama-cli (links the server code: ~3 min more on 2 cores)
 #   --configure-only  stop after CMake configure (checks a backend's toolchain without the long build)
 #
@@ -27,7 +29,8 @@
 #                                                           can loop on regeneration)
 #   -DBUILD_SHARED_LIBS=OFF   static binaries: bin/ can be copied anywhere without shared libs
 #   -DLLAMA_BUILD_SERVER=OFF unless --with-cli; -DLLAMA_OPENSSL=OFF
-# Output: <project>/build/llama-cpp/bin (patched) or <project>/build/llama-cpp-stock/bin (--stock), plus BUILD_INFO.
+# Output: <project>/build/llama-cpp/bin (patched), build/llama-cpp-stock/bin (--stock) or build/llama-cpp-prof/bin
+# (--profile), plus BUILD_INFO. A --profile build's cache key ends in -prof; one is kept besides the patched ones.
 # Environment: PYTHON (interpreter with gguf_moeify importable; default .venv/bin/python), GGUF_MOEIFY_CACHE,
 #              LLAMA_CPP_DIR, JOBS (parallel build jobs; default nproc), EXTRA_CMAKE_ARGS, GGUF_MOEIFY_KEEP_BUILDS.
 set -euo pipefail
@@ -35,18 +38,21 @@ set -euo pipefail
 COMMIT=0c1e57098
 BACKEND=cpu
 STOCK=0
+PROFILE=0
 WITH_CLI=0
 CONFIGURE_ONLY=0
 for arg in "$@"; do
     case "$arg" in
         cpu|cuda|metal) BACKEND="$arg" ;;
         --stock) STOCK=1 ;;
+        --profile) PROFILE=1 ;;
         --with-cli) WITH_CLI=1 ;;
         --configure-only) CONFIGURE_ONLY=1 ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
-        *) echo "build_llama_cpp.sh: unknown argument '$arg' (expected cpu|cuda|metal, --stock, --with-cli, --configure-only)" >&2; exit 2 ;;
+        *) echo "build_llama_cpp.sh: unknown argument '$arg' (expected cpu|cuda|metal, --stock, --profile, --with-cli, --configure-only)" >&2; exit 2 ;;
     esac
 done
+[[ $STOCK == 1 && $PROFILE == 1 ]] && { echo "build_llama_cpp.sh: --stock and --profile exclude each other" >&2; exit 2; }
 
 PROJECT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ -z "${PYTHON:-}" ]]; then
@@ -92,9 +98,16 @@ if [[ $STOCK == 0 ]]; then
     PATCHES=("$PROJECT"/patches/*.patch)
     shopt -u nullglob
     [[ ${#PATCHES[@]} -gt 0 ]] || die "no patches in $PROJECT/patches"
-    PKEY="$(cat "${PATCHES[@]}" | sha256sum | cut -c1-16)"
-    OUT="$PROJECT/build/llama-cpp"
-    TARGETS=(llama-perplexity llama-bench llama-quantize llama-completion)
+    if [[ $PROFILE == 1 ]]; then
+        PATCHES+=("$PROJECT/scripts/profile/node-timer.patch")
+        PKEY="$(cat "${PATCHES[@]}" | sha256sum | cut -c1-16)-prof"
+        OUT="$PROJECT/build/llama-cpp-prof"
+        TARGETS=(llama-bench)
+    else
+        PKEY="$(cat "${PATCHES[@]}" | sha256sum | cut -c1-16)"
+        OUT="$PROJECT/build/llama-cpp"
+        TARGETS=(llama-perplexity llama-bench llama-quantize llama-completion)
+    fi
 else
     PKEY=stock
     OUT="$PROJECT/build/llama-cpp-stock"
@@ -203,7 +216,7 @@ mv "$OUT/bin.tmp" "$OUT/bin"
 {
     echo "commit=$COMMIT"
     echo "backend=$BACKEND"
-    echo "variant=$([[ $STOCK == 1 ]] && echo stock || echo patched)"
+    echo "variant=$([[ $STOCK == 1 ]] && echo stock || { [[ $PROFILE == 1 ]] && echo profile; } || echo patched)"
     echo "patch_key=$PKEY"
     for p in "${PATCHES[@]}"; do echo "patch=$(basename "$p")"; done
     echo "work_dir=$WORK"
@@ -213,7 +226,12 @@ if [[ $STOCK == 0 ]]; then
     KEEP="${GGUF_MOEIFY_KEEP_BUILDS:-3}"
     [[ "$KEEP" =~ ^[1-9][0-9]*$ ]] || die "GGUF_MOEIFY_KEEP_BUILDS must be a positive integer, not '$KEEP'"
     touch "$WORK"  # "used now", also when the build came from the cache
-    { ls -1dt "$CACHE/builds/$COMMIT-$BACKEND-"* 2>/dev/null || true; } | { grep -v -- '-stock$' || true; } \
+    if [[ $PROFILE == 1 ]]; then  # one profiling build (the newest); the patched builds are counted apart
+        FILTER=(grep -- '-prof$'); KEEP=1
+    else
+        FILTER=(grep -v -e '-stock$' -e '-prof$')
+    fi
+    { ls -1dt "$CACHE/builds/$COMMIT-$BACKEND-"* 2>/dev/null || true; } | { "${FILTER[@]}" || true; } \
         | tail -n +$((KEEP + 1)) | while read -r old; do
             echo "[build_llama_cpp] removing an older patched build: $old"
             rm -rf "$old"

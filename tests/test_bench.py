@@ -155,3 +155,29 @@ def test_synthetic_bench_speed_only(tools, tmp_path):
     md = (out / "results.md").read_text()
     assert "SYNTHETIC" in md and "Bandwidth limit" in md
     assert _png_points(out / "plot.png") == 2
+
+
+def test_decode_profile_sorts_nodes_into_parts_and_bounds_moe():
+    """The profiling build's NODE_TIMER totals (scripts/profile_decode.py): each node type goes to its part (the
+    residual add and norm around the MLP and a ROPE on Qcur are not MLP or attention products), shares add up to 1,
+    time per token counts the output projection's calls, and the bound is Amdahl's law on the MLP share."""
+    from gguf_moeify.decode_profile import moe_speedup_bound, parse
+    stderr = "\n".join([
+        "llama-bench: some other line",
+        "NODE_TIMER MUL_MAT:result_output                    300 us  30.00% n=3",
+        "NODE_TIMER MUL_MAT_ID:ffn_moe_gate_up               200 us  20.00% n=90",
+        "NODE_TIMER MUL_MAT:ffn_moe_logits                    50 us   5.00% n=90",
+        "NODE_TIMER ARGSORT:ffn_moe_argsort                   50 us   5.00% n=90",
+        "NODE_TIMER ADD:ffn_inp                               40 us   4.00% n=90",
+        "NODE_TIMER MUL:ffn_norm                              10 us   1.00% n=90",
+        "NODE_TIMER MUL_MAT:Qcur                             150 us  15.00% n=90",
+        "NODE_TIMER MUL_MAT:attn_out                          50 us   5.00% n=90",
+        "NODE_TIMER ROPE:Qcur                                 50 us   5.00% n=90",
+        "NODE_TIMER RMS_NORM:norm                            100 us  10.00% n=180",
+    ])
+    r = parse(stderr)
+    assert r["us_per_token"] == pytest.approx(1000 / 3)
+    assert r["shares"] == pytest.approx({"mlp": 0.3, "output": 0.3, "attention": 0.2, "other": 0.2})
+    assert moe_speedup_bound(0.4, 0.5) == pytest.approx(1.25) and moe_speedup_bound(0.4, 1.0) == 1.0
+    with pytest.raises(ValueError, match="NODE_TIMER"):
+        parse("llama-bench output without the timer")
