@@ -128,6 +128,8 @@ def test_synthetic_files_layout_and_bandwidth(tmp_path):
     assert {x.name: x for x in r16.tensors}["blk.0.ffn_gate_inp.weight"].tensor_type == gguf.GGMLQuantizationType.F16
     assert json.loads(r16.fields["gguf_moeify.synthetic_recipe"].contents())["router_dtype"] == "f16"
     assert bytes_per_token(half)["router"] * 2 == bm["router"]
+    with pytest.raises(UserError, match="f32 or f16"):
+        write_synthetic(tmp_path / "m8.gguf", shape, "q4_0", experts=16, top_k=4, router_dtype="q8_0")
 
 
 def test_bytes_per_token_reads_per_layer_expert_counts(tmp_path):
