@@ -436,6 +436,7 @@ def plot(rows: list[dict], path: Path, y: str, title: str) -> int:
 # ---------------------------------------------------------------- the run
 def _parser() -> argparse.ArgumentParser:
     from .cli import _Parser
+    from .plan import ROUTER_DTYPES
     p = _Parser(prog="python -m gguf_moeify bench",
                 description="Perplexity, KL-divergence, top-1 agreement, speed and peak memory of dense vs MoE "
                             "GGUFs in the patched llama.cpp; writes results.jsonl, results.md and plot.png.",
@@ -477,7 +478,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="moefication router (default: similarity); finegrained router (default: linear)")
     p.add_argument("--layer-budget", default="uniform", choices=("uniform", "sensitivity"),
                    help="data-driven methods: per-layer top-k (see convert --help) (default: %(default)s)")
-    p.add_argument("--router-dtype", default="f32", choices=("f32", "f16"),
+    p.add_argument("--router-dtype", default="f32", choices=ROUTER_DTYPES,
                    help="type of the MoE files' router matrices (see convert --help) (default: %(default)s)")
     p.add_argument("--work-dir", default=None, help="where model files are written and reused "
                                                     "(default: OUT_DIR/models)")

@@ -9,6 +9,7 @@ import sys
 from .errors import UserError
 from .gguf_writer import OUTTYPES
 from .methods import METHOD_NAMES, MethodOptions
+from .plan import ROUTER_DTYPES
 
 COMMANDS = ("convert", "inspect", "eval", "demo-model", "bench")
 
@@ -77,7 +78,7 @@ def _method_args(p: argparse.ArgumentParser) -> None:
                         "is a multiple of the expert width (one expert FFN per layer: faster decoding, slower "
                         "prompt processing with many small experts) or as a separate shared expert (default: "
                         "%(default)s)")
-    g.add_argument("--router-dtype", default="f32", choices=("f32", "f16"),
+    g.add_argument("--router-dtype", default="f32", choices=ROUTER_DTYPES,
                    help="patched runtime: type of the router's matrices in the file. f16 halves their bytes (with "
                         "hundreds of small experts an f32 router is several %% of what each token reads) and the "
                         "torch reference rounds as llama.cpp's CPU backend does (default: %(default)s)")

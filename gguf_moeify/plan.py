@@ -35,10 +35,10 @@ class Router:
     def __post_init__(self):
         if self.kind not in ROUTER_KINDS:
             raise ValueError(f"unknown router kind {self.kind}")
-        if self.dtype not in ROUTER_DTYPES:
-            raise ValueError(f"unknown router dtype {self.dtype}")
 
     def __setattr__(self, name, value):
+        if name == "dtype" and value not in ROUTER_DTYPES:
+            raise ValueError(f"unknown router dtype {value}")
         if name == "tensors":
             value = {k: _stored(np.ascontiguousarray(v, dtype=np.float32), getattr(self, "dtype", "f32"))
                      for k, v in value.items()}

@@ -104,8 +104,9 @@ def write_synthetic(out: str | os.PathLike, shape: Shape, outtype: str = "q4_0",
     import gguf
     if outtype not in _TYPES:
         raise UserError(f"synthetic models support {', '.join(_TYPES)}, not {outtype!r}")
-    if router_dtype not in ("f32", "f16"):
-        raise UserError(f"synthetic routers are f32 or f16, not {router_dtype!r}")
+    from .plan import ROUTER_DTYPES
+    if router_dtype not in ROUTER_DTYPES:
+        raise UserError(f"synthetic routers are {' or '.join(ROUTER_DTYPES)}, not {router_dtype!r}")
     if experts:
         if shape.n_ff % experts:
             raise UserError(f"{experts} experts do not divide n_ff {shape.n_ff}")
