@@ -8,25 +8,23 @@ from pathlib import Path
 import pytest
 import torch
 
+from gguf_moeify.bundled import CALIB_EXCERPT, EVAL_EXCERPT
 from gguf_moeify.demo_model import build_smollm2_folder
 from gguf_moeify.llama_cpp_source import cache_root
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "tokenizer.model")
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def eval_text_path() -> Path:
-    """The fixed evaluation text: shared/ when present, else a copy shipped with the tests."""
-    p = DATA / "austen_prideprejudice.txt"
-    return p if p.is_file() else ROOT / "tests" / "data" / "austen_prideprejudice_excerpt.txt"
+    """The fixed evaluation text: the bundled excerpt of Pride and Prejudice."""
+    return EVAL_EXCERPT
 
 
 def calib_text_path() -> Path:
-    """Calibration text: Sense and Sensibility from shared/ (never the evaluation novel), else the shipped excerpt."""
-    p = DATA / "austen_sensesensibility.txt"
-    return p if p.is_file() else ROOT / "tests" / "data" / "austen_prideprejudice_excerpt.txt"
+    """Calibration text: the bundled excerpt of Sense and Sensibility (never the evaluation novel)."""
+    return CALIB_EXCERPT
 
 
 @pytest.fixture(scope="session")

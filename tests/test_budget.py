@@ -17,9 +17,9 @@ from gguf_moeify.methods import MethodOptions
 from gguf_moeify.methods.finegrained import plan_layer
 from gguf_moeify.moe_torch import MoEMLP
 
-from conftest import ROOT
+from gguf_moeify.bundled import EVAL_EXCERPT
 
-CALIB = str(ROOT / "tests" / "data" / "austen_prideprejudice_excerpt.txt")
+CALIB = str(EVAL_EXCERPT)
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -12,9 +12,9 @@ from gguf_moeify.errors import UserError
 from gguf_moeify.methods import MethodOptions, get_method
 from gguf_moeify.reference import load_dense, moeify_
 
-from conftest import ROOT
+from gguf_moeify.bundled import EVAL_EXCERPT
 
-CALIB = ROOT / "tests" / "data" / "austen_prideprejudice_excerpt.txt"
+CALIB = EVAL_EXCERPT
 
 
 def _opts(**kw) -> MethodOptions:

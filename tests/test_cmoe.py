@@ -22,9 +22,9 @@ from gguf_moeify.calibration import LayerCalib
 from gguf_moeify.moe_torch import MoEMLP
 from gguf_moeify.reference import load_dense, logits_fn, moeify_
 
-from conftest import ROOT
+from gguf_moeify.bundled import EVAL_EXCERPT
 
-CALIB = str(ROOT / "tests" / "data" / "austen_prideprejudice_excerpt.txt")
+CALIB = str(EVAL_EXCERPT)
 
 
 def _opts_c(**kw) -> MethodOptions:
@@ -135,11 +135,9 @@ def test_real_model_cmoe_at_half_active_stays_in_band(smollm2_dir):
     (measured: see the report); CMoE's own code on this model is ~7x at 50% with 2048-token windows and 8 x 2048
     calibration tokens; broken experts or routers (random grouping, wrong rows, no propagation) land in the
     thousands."""
-    from conftest import DATA, eval_text_path
+    from conftest import calib_text_path, eval_text_path
     from gguf_moeify.evaluate import perplexity, read_text, tokenize_for_ppl
-    calib = DATA / "austen_sensesensibility.txt"
-    if not calib.is_file():
-        pytest.skip("shared/data/austen_sensesensibility.txt not present")
+    calib = calib_text_path()
     ckpt = Checkpoint(smollm2_dir)
     adapter = adapter_for(ckpt.config)
     model, tok = load_dense(ckpt)

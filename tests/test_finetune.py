@@ -17,9 +17,9 @@ from gguf_moeify.plan import expert_tensors
 from gguf_moeify.reference import load_dense, moeify_
 from gguf_moeify.rope_layout import permute_qk
 
-from conftest import ROOT
+from gguf_moeify.bundled import EVAL_EXCERPT
 
-TEXT = ROOT / "tests" / "data" / "austen_prideprejudice_excerpt.txt"
+TEXT = EVAL_EXCERPT
 
 
 def _plans_and_dense(model_dir, method="cmoe", experts=4, shared=1, top_k=1):

@@ -16,9 +16,9 @@ from gguf_moeify.methods.moefication import plan_layer, train_mlp_router
 from gguf_moeify.moe_torch import MoEMLP, router_scores
 from gguf_moeify.reference import load_dense, logits_fn, moeify_
 
-from conftest import ROOT
+from gguf_moeify.bundled import EVAL_EXCERPT
 
-CALIB = str(ROOT / "tests" / "data" / "austen_prideprejudice_excerpt.txt")
+CALIB = str(EVAL_EXCERPT)
 
 
 def _layer(seed=0, d=16, d_ff=64, T=300):

@@ -21,7 +21,7 @@ from gguf_moeify.methods import MethodOptions
 from gguf_moeify.reference import load_dense, logits_fn, moeify_
 from gguf_moeify.stock import DELTA, stock_target, stockify
 
-from conftest import ROOT
+from gguf_moeify.bundled import EVAL_EXCERPT
 from test_llama_cpp_parity import CHUNKS, CTX, _routed_plans, _torch_and_llama_cpp, _write
 
 MAPPINGS = [("llama", 1, "deepseek"), ("llama", 0, "llama"), ("qwen2", 1, "deepseek"), ("qwen2", 0, "llama"),
@@ -101,8 +101,7 @@ def test_stock_form_is_the_unit_gate_plan_within_its_bound(tiny_models, tmp_path
 def test_calibrated_cmoe_stock_file_in_unpatched_llama_cpp(stock_tools, tiny_models, text_file, tmp_path):
     """The whole path: CMoE calibrated with --runtime stock (the analytic router replaced by a fitted linear one,
     later layers calibrated on the stock form) -> deepseek file -> unpatched llama.cpp == torch."""
-    opts = MethodOptions(experts=4, shared=1, top_k=1, calib=str(ROOT / "tests" / "data" /
-                         "austen_prideprejudice_excerpt.txt"), calib_samples=4, calib_seqlen=64, runtime="stock")
+    opts = MethodOptions(experts=4, shared=1, top_k=1, calib=str(EVAL_EXCERPT), calib_samples=4, calib_seqlen=64, runtime="stock")
     out = tmp_path / "cmoe-stock.gguf"
     ckpt, adapter, plans = _write(tiny_models["llama"], lambda c, a: make_plans(c, a, "cmoe", opts, progress=False),
                                   out, opts)
@@ -115,7 +114,7 @@ def test_calibrated_cmoe_stock_file_in_unpatched_llama_cpp(stock_tools, tiny_mod
 
 def test_stock_errors_are_one_line(tiny_models, tmp_path, capsys):
     from gguf_moeify.cli import main
-    text = str(ROOT / "tests" / "data" / "austen_prideprejudice_excerpt.txt")
+    text = str(EVAL_EXCERPT)
     cases = [
         (["--method", "cmoe", "--config", "S1A1E4", "--calib", text, "--layer-budget", "sensitivity"],
          "needs the patched runtime"),

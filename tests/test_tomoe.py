@@ -20,9 +20,9 @@ from gguf_moeify.moe_torch import MoEMLP
 from gguf_moeify.reference import load_dense, moeify_
 from gguf_moeify.tomoe_train import ToMoEModel, TrainOptions, budget_penalty, fingerprint, step_window, train
 
-from conftest import ROOT
+from gguf_moeify.bundled import EVAL_EXCERPT
 
-TEXT = ROOT / "tests" / "data" / "austen_prideprejudice_excerpt.txt"
+TEXT = EVAL_EXCERPT
 
 
 def _trained(model_dir, steps: int, budget: float = 0.25, state=None, experts: int = 4, budget_on: str = "widest"):

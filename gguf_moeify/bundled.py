@@ -1,0 +1,8 @@
+"""Paths of the text shipped inside the package (public-domain excerpts; see data/README.md)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+CALIB_EXCERPT = DATA_DIR / "sense_and_sensibility_excerpt.txt"   # calibration
+EVAL_EXCERPT = DATA_DIR / "pride_and_prejudice_excerpt.txt"      # held-out evaluation, never calibrated on
