@@ -435,9 +435,9 @@ def plot(rows: list[dict], path: Path, y: str, title: str) -> int:
 
 # ---------------------------------------------------------------- the run
 def _parser() -> argparse.ArgumentParser:
-    from .cli import _Parser
+    from .cli import _Parser, prog_name
     from .plan import ROUTER_DTYPES
-    p = _Parser(prog="python -m gguf_moeify bench",
+    p = _Parser(prog=f"{prog_name()} bench",
                 description="Perplexity, KL-divergence, top-1 agreement, speed and peak memory of dense vs MoE "
                             "GGUFs in the patched llama.cpp; writes results.jsonl, results.md and plot.png.",
                 epilog="ACTIVE:" + __doc__.split("\nACTIVE:", 1)[1],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import UserError
 from .gguf_writer import OUTTYPES
@@ -20,6 +21,12 @@ _EPILOG = """commands:
   demo-model DIR             build the embedded SmolLM2-135M-Instruct as an HF folder (offline)
   bench ...                  perplexity, KL-divergence and speed of dense vs MoE GGUFs in llama.cpp
 Run `python -m gguf_moeify COMMAND --help` for each command's options."""
+
+
+def prog_name() -> str:
+    """How the user called us: the console script ``gguf-moeify`` or ``python -m gguf_moeify``."""
+    name = Path(sys.argv[0]).name
+    return name if name.startswith("gguf-moeify") else "python -m gguf_moeify"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -198,7 +205,7 @@ def _lora(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m gguf_moeify",
+    p = _Parser(prog=prog_name(),
                                 description="Turn a dense Hugging Face LLM into a mixture-of-experts GGUF for "
                                             "llama.cpp, without training.",
                                 epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -93,7 +93,8 @@ def llama_cpp_source(fetch: bool = True) -> Path:
         raise UserError(f"llama.cpp source not found in {dest}; set LLAMA_CPP_DIR or allow fetching")
     dest.parent.mkdir(parents=True, exist_ok=True)
     _log(f"fetching llama.cpp {LLAMA_CPP_COMMIT} into {dest} (once)")
-    if _try_git_clone(dest) or _try_sdist(dest):
+    # the last check: another process (a parallel test or build) may have fetched it meanwhile
+    if _try_git_clone(dest) or _try_sdist(dest) or _looks_like_llama_cpp(dest):
         return dest
     raise UserError(f"could not obtain llama.cpp {LLAMA_CPP_COMMIT}: set LLAMA_CPP_DIR to a checkout, or go online "
                     f"(git clone {GIT_URL}, or pip download {SDIST_PACKAGE})")
