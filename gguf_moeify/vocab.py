@@ -32,12 +32,19 @@ def _key(model_dir: Path) -> str:
     return h.hexdigest()[:24]
 
 
+# Weights and the weight maps of sharded checkpoints: the converter opens every part an index names when it builds
+# the model (even for --vocab-only), so a view that kept ``model.safetensors.index.json`` without its shards failed
+# with FileNotFoundError. Without weights and index the converter indexes no tensors at all, which --vocab-only
+# never needs: every layout (single file, sharded) then reaches it in the same state.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
+
+
 def _vocab_dir_for_converter(model_dir: Path, tmp: Path) -> Path:
     """The converter only needs config + tokenizer files; a folder of links avoids it touching the weights."""
     view = tmp / "model"
     view.mkdir()
     for f in model_dir.iterdir():
-        if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".pt", ".gguf")):
+        if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES):
             os.symlink(f.resolve(), view / f.name)
     return view
 
