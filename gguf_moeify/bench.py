@@ -23,13 +23,12 @@ For one source model and a list of configurations ``METHOD:ACTIVE:OUTTYPE`` (com
 configurations are then ``moe:ACTIVE:OUTTYPE``.
 
 ACTIVE: a fraction (``0.25``), a percentage (``25%``), or an explicit ``SxAyEz`` (x shared, y routed used, z experts).
-A fraction f maps to E experts (``--experts``; default 48 for finegrained, 16 for cmoe/moefication/moe, 8 for
-mlpmoe at f = 1) and n = round(f·E) experts' worth of neurons per token:
-- ``mlpmoe`` at f = 1: all experts active: S0, K=E (exact slicing of the dense MLP); at f < 1 the naive routed
-  baseline (slices + data-free similarity router) with CMoE's S and K, so it uses the same top-k as cmoe;
-- ``cmoe``: S = max(1, n // 2) shared, K = n - S routed (CMoE's SxAxE pattern: 25% -> S2A2E16, 50% -> S4A4E16,
-  75% -> S6A6E16);
-- ``finegrained``: S = n // 3 shared, K = n - S (50% -> S8A16E48);
+A fraction is sized for the model's d_ff as ``convert --active`` does (``sizing.expert_layout``; ``--experts``
+replaces the derived E), e.g. on d_ff 1536:
+- ``finegrained``: 32-neuron experts, a third of the active ones shared (50% -> S8A16E48);
+- ``cmoe``: E nearest 16, half the active experts shared (25% -> S2A2E16, 50% -> S4A4E16, 75% -> S6A6E16);
+- ``mlpmoe`` at 1: all experts active (exact slicing, E nearest 8); below 1 the naive routed baseline (slices + a
+  data-free similarity router) with CMoE's S and K;
 - ``moefication``, ``moe`` (synthetic): no shared expert, K = n (25% -> S0A4E16);
 - ``tomoe``: trained with ``--budget`` f (top-1 of E = ``--experts`` or 8 masks; its training state is kept in the
   work folder, so other outtypes and reruns reuse it).
@@ -65,6 +64,7 @@ class Config:
     outtype: str
     spec: str = ""         # as given
     budget: float | None = None   # tomoe: the trained active fraction (--budget); its experts are top-1 masks
+    path: str | None = None       # an already-converted file (--moe), measured as it is
 
     @property
     def active_fraction(self) -> float:
@@ -99,27 +99,9 @@ def _fraction(text: str) -> float:
     return f
 
 
-def map_fraction(method: str, f: float, experts: int | None) -> tuple[int, int, int]:
-    """(E, S, K) for ``method`` at active fraction ``f`` (see the module docstring)."""
-    if method == "mlpmoe" and abs(f - 1) < 1e-9:
-        e = experts or 8
-        return e, 0, e
-    e = experts or (48 if method == "finegrained" else 16)
-    n = round(f * e)
-    if n < 1:
-        raise UserError(f"{method}: active fraction {f:g} of {e} experts is less than one expert")
-    if method == "finegrained":
-        s = max(1, n // 3) if n >= 3 else 0
-        return e, s, n - s
-    if method in ("cmoe", "mlpmoe"):
-        s = max(1, n // 2) if n >= 2 else 0
-        if s >= e:
-            s = e - 1
-        return e, s, max(1, n - s)
-    return e, 0, n
-
-
-def parse_configs(text: str, synthetic: bool, experts: int | None = None) -> list[Config]:
+def parse_configs(text: str, synthetic: bool, d_ff: int, experts: int | None = None) -> list[Config]:
+    """Configurations from ``METHOD:ACTIVE:OUTTYPE,...``; fractions are sized for an MLP of ``d_ff`` neurons."""
+    from .sizing import expert_layout
     methods = ("moe",) if synthetic else REAL_METHODS
     types = SYN_OUTTYPES if synthetic else BENCH_OUTTYPES
     out: list[Config] = []
@@ -137,7 +119,8 @@ def parse_configs(text: str, synthetic: bool, experts: int | None = None) -> lis
         if method == "tomoe":  # trained to the fraction: top-1 of E masks (default 8)
             if m:
                 raise UserError(f"configuration {spec!r}: tomoe takes an active fraction (its --budget), not SxAyEz")
-            out.append(Config(method, experts or 8, 0, 1, outtype, spec, budget=_fraction(active)))
+            f = _fraction(active)
+            out.append(Config(method, expert_layout(method, d_ff, f, experts)[0], 0, 1, outtype, spec, budget=f))
             if any((c.slug, c.outtype) == (out[-1].slug, outtype) for c in out[:-1]):
                 raise UserError(f"configuration {spec!r} is given twice")
             continue
@@ -146,14 +129,29 @@ def parse_configs(text: str, synthetic: bool, experts: int | None = None) -> lis
             if not (0 <= s < e and 1 <= k <= e - s):
                 raise UserError(f"configuration {spec!r}: {active} needs 0 <= S < E and 1 <= A <= E - S")
         else:
-            e, s, k = map_fraction(method, _fraction(active), experts)
+            e, s, k = expert_layout(method, d_ff, _fraction(active), experts)
         c = Config(method, e, s, k, outtype, spec)
         if any((c.slug, c.outtype) == (o.slug, o.outtype) for o in out):
             raise UserError(f"configuration {spec!r} is given twice")
         out.append(c)
-    if not out:
-        raise UserError("no configurations given (--configs)")
     return out
+
+
+def config_from_file(path: str) -> Config:
+    """A Config for a file written by ``convert`` (--moe), from its recorded recipe (``gguf_moeify.provenance``)."""
+    import gguf
+    if not Path(path).is_file():
+        raise UserError(f"--moe {path}: file not found")
+    prov = _file_provenance(Path(path))
+    if prov is None or "options" not in prov:
+        raise UserError(f"--moe {path}: not an MoE file written by gguf_moeify (no readable provenance)")
+    o, method, outtype = prov["options"], prov["method"], prov["outtype"]
+    if method == "tomoe":
+        return Config(method, o["experts"], 0, 1, outtype, path, budget=o["extra"].get("budget", 0.5), path=path)
+    top_k = o.get("top_k")
+    if top_k is None:   # left to the method's default: what the file's first layer uses
+        top_k = json.loads(gguf.GGUFReader(path).fields["gguf_moeify.plan"].contents())[0]["top_k"]
+    return Config(method, o["experts"], o["shared"], top_k, outtype, path, path=path)
 
 
 # ---------------------------------------------------------------- progress
@@ -444,17 +442,23 @@ def _parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL", nargs="?", default=None,
                    help="HF model folder (not with --synthetic)")
-    p.add_argument("--configs", required=True,
+    p.add_argument("--moe", default=None, metavar="FILE[,FILE...]",
+                   help="MoE files already written by `convert` from MODEL, measured as they are (method, experts "
+                        "and outtype read from each file); the dense model at each of their outtypes is added "
+                        "(default: none)")
+    p.add_argument("--configs", default="",
                    help="comma-separated METHOD:ACTIVE:OUTTYPE, e.g. 'mlpmoe:1:q8_0,cmoe:0.25:q4_0,"
                         "moefication:50%%:q4_0'; METHOD is one of mlpmoe, cmoe, moefication, finegrained, tomoe "
                         "(tomoe: ACTIVE is its trained --budget, top-1 of --experts or 8 masks; about 15 min of "
                         "training on a 135M model, kept in the work folder) (synthetic: 'moe:0.25:q4_0'); the dense "
-                        "model at each outtype is added as the reference")
+                        "model at each outtype is added as the reference (default: none; --configs or --moe is "
+                        "needed)")
     p.add_argument("--synthetic", choices=("1b", "7b", "tiny"), default=None,
                    help="SYNTHETIC random-weight models of a real shape, speed only: 1b = n_embd 2048, n_ff 8192, "
                         "16 layers, 16 heads; 7b = 4096/11008/32 layers/32 heads (tiny: tests)")
     p.add_argument("--experts", "-E", type=int, default=None,
-                   help="E for fractions (default: 16; mlpmoe 8)")
+                   help="E for fractions (default: from the model's d_ff, as convert --active: finegrained "
+                        "d_ff/32, cmoe/moefication nearest 16, mlpmoe nearest 8)")
     p.add_argument("--text", default=None, help="evaluation text (UTF-8), needs >= 2*ctx tokens; required "
                                                 "unless --synthetic")
     p.add_argument("--ctx", type=int, default=512, help="perplexity window in tokens (default: %(default)s)")
@@ -498,6 +502,11 @@ def _speed_fields(row: dict, dense_rows: dict) -> None:
                           if row["tg_speedup"] and row["bw_limit_speedup"] else None)
 
 
+def _model_d_ff(model: str) -> int:
+    from .checkpoint import Checkpoint
+    return Checkpoint(model).d_ff
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     from .llama_cpp import find_llama_cpp, _default_threads
@@ -520,7 +529,13 @@ def main(argv: list[str]) -> int:
         # llama-perplexity prints no KL-divergence statistics for fewer than 100 scored tokens
         raise UserError(f"--chunks {args.chunks} x --ctx {args.ctx} scores {args.chunks * (args.ctx // 2 - 1)} "
                         f"tokens; the KL-divergence statistics need >= 100")
-    configs = parse_configs(args.configs, synthetic, args.experts)
+    d_ff = SHAPES[args.synthetic].n_ff if synthetic else _model_d_ff(args.model)
+    if args.moe and synthetic:
+        raise UserError("--moe takes files converted from MODEL, not --synthetic")
+    if not args.configs.strip() and not args.moe:
+        raise UserError("nothing to measure: give --configs METHOD:ACTIVE:OUTTYPE,... or --moe FILE")
+    configs = parse_configs(args.configs, synthetic, d_ff, args.experts) if args.configs.strip() else []
+    configs += [config_from_file(f.strip()) for f in (args.moe or "").split(",") if f.strip()]
     tools = find_llama_cpp("patched")
     threads = args.threads or _default_threads()
     out_dir = Path(args.out_dir)
@@ -570,8 +585,8 @@ def main(argv: list[str]) -> int:
                 path, reused = dense_gguf(args.model, c.outtype, work, tools)
             else:
                 note = " (calibrating, unless the previous outtype's plans apply)" if c.method != "mlpmoe" else ""
-                prog.step(i, c.label, "converting" + note)
-                path, reused = files.get(c)
+                prog.step(i, c.label, f"the file {c.path}" if c.path else "converting" + note)
+                path, reused = (Path(c.path), True) if c.path else files.get(c)
             convert_s = time.time() - t0
             label = (f"SYNTHETIC {args.synthetic} " if synthetic else "") + c.label
             row = {"model": f"SYNTHETIC-{args.synthetic}" if synthetic else str(args.model),

@@ -36,20 +36,35 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
-def _method_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("method")
-    g.add_argument("--method", default="mlpmoe", choices=METHOD_NAMES,
-                   help="conversion method (default: %(default)s)")
+def _method_args(p: argparse.ArgumentParser, main: argparse._ArgumentGroup) -> None:
+    """The method's options: the few most users need go into ``main``, the rest into advanced groups."""
+    main.add_argument("--method", default="mlpmoe", choices=METHOD_NAMES,
+                      help="mlpmoe: exact slicing, no data (every expert active, no speed-up); finegrained: the "
+                           "recommended routed recipe (32-neuron experts, fitted router); cmoe, moefication: the "
+                           "papers' recipes; tomoe: trained masks and router (slow) (default: %(default)s)")
+    main.add_argument("--active", type=float, default=None, metavar="FRACTION",
+                      help="fraction of the MLP's neurons used per token; picks --experts/--shared/--top-k for "
+                           "the method from the model's intermediate size (finegrained at 0.5 on d_ff 1536: "
+                           "S8A16E48, on d_ff 14336: S74A150E448); explicit -E/-S win (default: 0.5; mlpmoe: 1, "
+                           "exact slicing; tomoe: its --budget)")
+    main.add_argument("--calib", default=None, metavar="FILE|DIR|wikitext2",
+                      help="calibration text: a UTF-8 file, a folder of .txt files, or wikitext2 (WikiText-2 train "
+                           "via the `datasets` package, online only); required by cmoe, moefication, finegrained "
+                           "and tomoe; the package bundles an excerpt of Sense and Sensibility in "
+                           "gguf_moeify/data/ (default: none)")
+    g = p.add_argument_group("method details (advanced; --experts/--shared/--top-k default: from --active)")
     g.add_argument("--experts", "-E", type=int, default=None,
                    help="total experts per layer, shared ones included; must divide the MLP's intermediate size "
-                        "(default: 8; finegrained: experts of 32 neurons, E = d_ff/32, wider when that exceeds 512; "
-                        "tomoe: any E from 2 to 512, experts are trained masks)")
+                        "(default: finegrained: experts of 32 neurons, E = d_ff/32, wider while E > 512; cmoe, "
+                        "moefication: the divisor of d_ff nearest 16; mlpmoe: nearest 8; tomoe: 8, any E from 2 to "
+                        "512, experts are trained masks)")
     g.add_argument("--shared", "-S", type=int, default=None,
-                   help="experts merged into one always-on shared expert (default: 0; finegrained: E/6)")
+                   help="experts merged into one always-on shared expert (default: from --active: finegrained a "
+                        "third of the active experts, cmoe half, moefication and mlpmoe none)")
     g.add_argument("--top-k", "-K", type=int, default=None,
-                   help="routed experts used per token (default: the method's; mlpmoe: all routed experts, fewer "
-                        "only with --variant slice, the naive routed baseline; cmoe/moefication/finegrained: the k "
-                        "that makes (shared + k) / experts nearest 50%%)")
+                   help="routed experts used per token (default: the rest of --active's share; mlpmoe: all "
+                        "routed experts, fewer only with --variant slice, the naive routed baseline); not together "
+                        "with --active")
     g.add_argument("--config", default=None, metavar="SxAyEz",
                    help="CMoE naming, e.g. S1A7E16: x shared, y routed active, z experts in all; sets --shared, "
                         "--top-k and --experts (default: not used)")
@@ -89,7 +104,7 @@ def _method_args(p: argparse.ArgumentParser) -> None:
                    help="patched runtime: type of the router's matrices in the file. f16 halves their bytes (with "
                         "hundreds of small experts an f32 router is several %% of what each token reads) and the "
                         "torch reference rounds as llama.cpp's CPU backend does (default: %(default)s)")
-    t = p.add_argument_group("tomoe (trained masks and router; the model's weights stay frozen)")
+    t = p.add_argument_group("tomoe (advanced; trained masks and router; the model's weights stay frozen)")
     t.add_argument("--budget", type=float, default=None, metavar="P",
                    help="tomoe: target fraction of MLP neurons active per token (default: 0.5)")
     t.add_argument("--budget-on", default=None, choices=("widest", "layer", "tokens"),
@@ -108,11 +123,7 @@ def _method_args(p: argparse.ArgumentParser) -> None:
                    help="tomoe: training checkpoint, saved every 10 steps; an interrupted run given the same "
                         "file and options resumes from it, a finished one is reused (default: OUT.gguf + "
                         "'.tomoe-state.pt' for convert, none for eval)")
-    c = p.add_argument_group("calibration (cmoe, moefication, finegrained, tomoe)")
-    c.add_argument("--calib", default=None, metavar="FILE|DIR|wikitext2",
-                   help="calibration text: a UTF-8 file, a folder of .txt files, or wikitext2 (WikiText-2 train via "
-                        "the `datasets` package, online only); required by cmoe, moefication, finegrained and tomoe "
-                        "(default: none)")
+    c = p.add_argument_group("calibration (advanced; cmoe, moefication, finegrained, tomoe)")
     c.add_argument("--calib-samples", type=int, default=8,
                    help="calibration windows, drawn at random starts (tomoe draws one window per training step "
                         "instead) (default: %(default)s)")
@@ -122,7 +133,7 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--seed", type=int, default=0,
                    help="seed for calibration windows, k-means initialisation and router training "
                         "(default: %(default)s)")
-    f = p.add_argument_group("recovery fine-tuning (optional, CMoE's recipe)")
+    f = p.add_argument_group("recovery fine-tuning (advanced, optional; CMoE's recipe)")
     f.add_argument("--finetune", default="none", choices=("none", "lora"),
                    help="after conversion, LoRA on every linear layer (attention and each expert) of the torch "
                         "model, trained on --finetune-loss (router frozen unless --finetune-router); merged into "
@@ -164,6 +175,7 @@ def _opts(args) -> MethodOptions:
             if given != default and given != want:
                 raise UserError(f"--config {args.config} sets {flag} {want}, but {flag} {given} was given")
         experts, shared, top_k = ce, cs, ck
+    active = _active(args, top_k)
     extra = {}
     if args.method == "cmoe" and args.ka is not None:
         extra["ka"] = args.ka
@@ -190,7 +202,25 @@ def _opts(args) -> MethodOptions:
     return MethodOptions(experts=experts, shared=shared, top_k=top_k, variant=args.variant, keep=args.keep,
                          calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                          seed=args.seed, layer_budget=args.layer_budget, runtime=args.runtime,
-                         shared_layout=args.shared_layout, router_dtype=args.router_dtype, extra=extra)
+                         shared_layout=args.shared_layout, router_dtype=args.router_dtype, active=active,
+                         extra=extra)
+
+
+def _active(args, top_k: int | None) -> float | None:
+    """The active fraction that sizes E/S/K: --active, else the default (0.5; mlpmoe 1) unless a top-k is given
+    (the older way: -E/-S/-K or --config say it all)."""
+    from .sizing import DEFAULT_ACTIVE, check_fraction
+    if args.active is None:
+        if args.method == "tomoe" or top_k is not None:
+            return None
+        return 1.0 if args.method == "mlpmoe" else DEFAULT_ACTIVE
+    check_fraction(args.active)
+    if top_k is not None:
+        raise UserError("--active and --top-k (or --config) both set the experts used per token; give one of them")
+    if args.method == "tomoe" and args.budget is not None and args.budget != args.active:
+        raise UserError(f"--active {args.active:g} and --budget {args.budget:g} disagree: for tomoe they are the "
+                        f"same thing, give one")
+    return args.active
 
 
 def _lora(args):
@@ -211,19 +241,29 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("convert", help="convert MODEL to an MoE GGUF")
+    c = sub.add_parser("convert", help="convert MODEL to an MoE GGUF",
+                       usage="%(prog)s MODEL OUT.gguf [--method M] [--active F] [--calib FILE] [--outtype T] "
+                             "[advanced options]",
+                       description="Convert a dense HF model to an MoE GGUF. Most users need only MODEL, OUT.gguf, "
+                                   "--method, --active, --outtype and --calib; the groups marked advanced tune the "
+                                   "method.")
     c.add_argument("model", metavar="MODEL", help="HF model folder (config.json + *.safetensors) or hub id (online)")
     c.add_argument("out", metavar="OUT.gguf", help="output file; written via a temporary file and renamed at the end")
-    _method_args(c)
-    c.add_argument("--outtype", default="f16", choices=OUTTYPES,
-                   help="tensor type: f32/f16/bf16, q8_0/q4_0 (gguf-py), k-quants via llama-quantize "
-                        "(needs scripts/build_llama_cpp.sh) (default: %(default)s)")
-    c.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    main = c.add_argument_group("main options")
+    _method_args(c, main)
+    main.add_argument("--outtype", default="f16", choices=OUTTYPES,
+                      help="tensor type: f32/f16/bf16, q8_0/q4_0 (gguf-py), k-quants via llama-quantize "
+                           "(needs scripts/build_llama_cpp.sh) (default: %(default)s)")
+    main.add_argument("--quiet", "-q", action="store_true", help="no progress bars (default: off)")
 
     i = sub.add_parser("inspect", help="print the MoE layout of a GGUF per layer")
     i.add_argument("file", metavar="FILE.gguf")
+    i.add_argument("--check", action="store_true", help="check the file against the patched llama.cpp's contract "
+                   "(patches/README.md): one line per problem, exit code 1 when there is one (default: off)")
 
-    e = sub.add_parser("eval", help="perplexity of dense vs MoE in the torch reference (llama-perplexity protocol)")
+    e = sub.add_parser("eval", help="perplexity of dense vs MoE in the torch reference (llama-perplexity protocol)",
+                       usage="%(prog)s MODEL --text FILE [--method M] [--active F] [--calib FILE] [--chunks N] "
+                             "[advanced options]")
     e.add_argument("model", metavar="MODEL")
     e.add_argument("--text", required=True, help="UTF-8 text file to score")
     e.add_argument("--ctx", type=int, default=512, help="window length in tokens; the second half of each "
@@ -235,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "ground-truth oracle (top-k by output norm: the bound for any router), and the same number "
                         "of neurons chosen one by one by |h|*||W_down column|| (the bound for any expert grouping) "
                         "(default: off)")
-    _method_args(e)
+    _method_args(e, e.add_argument_group("main options"))
 
     d = sub.add_parser("demo-model", help="write the embedded SmolLM2-135M-Instruct as an HF folder")
     d.add_argument("dir", metavar="DIR")
@@ -249,8 +289,8 @@ def _run(args) -> int:
                       progress=not args.quiet, finetune=_lora(args))
         print(f"wrote {out}")
     elif args.command == "inspect":
-        from .inspect_gguf import inspect_gguf
-        print(inspect_gguf(args.file))
+        from .inspect_gguf import inspect_command
+        return inspect_command(args.file, check=args.check)
     elif args.command == "eval":
         from .eval_cmd import evaluate_model
         res = evaluate_model(args.model, args.text, args.method, _opts(args), args.dtype, args.ctx, args.chunks,

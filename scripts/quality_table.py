@@ -11,8 +11,8 @@ it; ``+lora:kd:router=ste:steps=N``: see ``lora_options``); ``:E<n>`` sets E (e.
 ``tomoe`` trains ToMoE with --budget = the column's fraction
 (``tomoe:tokens``: --budget-on tokens) and its default training options (the cell gives the training time and
 the file's active fraction with padding). Each column is an active fraction (25/50/75%), mapped to
-E/S/K as ``bench`` does
-(cmoe/slice: S2A2E16, S4A4E16, S6A6E16; moefication: S0A4E16, ...; finegrained: S4A8E48, S8A16E48, S12A24E48).
+E/S/K for the model's d_ff as ``convert --active`` and ``bench`` do (``sizing.expert_layout``; on d_ff 1536:
+cmoe/slice: S2A2E16, S4A4E16, S6A6E16; moefication: S0A4E16, ...; finegrained: S4A8E48, S8A16E48, S12A24E48).
 A cell is ``ppl (ratio to dense)`` and, below it, the expert oracle (same experts, chosen per token by true output
 norm) and the neuron oracle (same number of neurons chosen one by one). Results are appended to
 ``DIR/quality.jsonl`` (a cell already there with the same recipe is not recomputed) and the table is written to
@@ -30,10 +30,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gguf_moeify.bench import map_fraction  # noqa: E402
 from gguf_moeify.eval_cmd import evaluate_model  # noqa: E402
 from gguf_moeify.finetune import LoRAOptions  # noqa: E402
 from gguf_moeify.methods import MethodOptions  # noqa: E402
+from gguf_moeify.sizing import expert_layout  # noqa: E402
 
 DEFAULT_ROWS = ("slice,cmoe,moefication:param:similarity,moefication:param:mlp,moefication:coact:similarity,"
                 "moefication:coact:mlp,finegrained:linear")
@@ -54,7 +54,7 @@ def row_options(row: str, fraction: float, args) -> tuple[str, MethodOptions]:
                                      runtime=runtime, extra={"budget": fraction, "budget_on": budget_on,
                                                              "state": str(state)})
     # slice:METHOD takes METHOD's SxAyEz (e.g. slice:moefication: no shared slice), plain slice CMoE's
-    e, s, k = map_fraction(parts[1] if name == "slice" and len(parts) > 1 else method, fraction, experts)
+    e, s, k = expert_layout(parts[1] if name == "slice" and len(parts) > 1 else method, args.d_ff, fraction, experts)
     extra = {}
     if name == "moefication":
         extra = {"split": parts[1], "router": parts[2]}
@@ -104,6 +104,8 @@ def main() -> int:
     p.add_argument("--out", default="out/quality")
     p.add_argument("--report", action="store_true", help="only write the table from the cells already measured")
     args = p.parse_args()
+    from gguf_moeify.checkpoint import Checkpoint
+    args.d_ff = Checkpoint(args.model).d_ff   # fractions are sized for this model (sizing.expert_layout)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "quality.jsonl"

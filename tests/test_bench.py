@@ -8,7 +8,8 @@ import gguf
 import pytest
 
 from gguf_moeify.bench import main as bench_main
-from gguf_moeify.bench import map_fraction, parse_configs
+from gguf_moeify.bench import parse_configs
+from gguf_moeify.sizing import expert_layout
 from gguf_moeify.cli import main as cli_main
 from gguf_moeify.errors import UserError
 from gguf_moeify.synthetic import SHAPES, bytes_per_token, is_synthetic, write_synthetic
@@ -70,28 +71,28 @@ def test_whole_bench_on_tiny_model(tools, tiny_models, tmp_path):
 
 def test_config_syntax_and_fraction_mapping():
     cs = parse_configs("mlpmoe:1:q8_0, cmoe:0.25:q4_0,cmoe:50%:q4_0,moefication:0.75:q8_0,cmoe:S1A3E16:q8_0",
-                       synthetic=False)
+                       synthetic=False, d_ff=1536)
     assert [(c.method, c.shared, c.top_k, c.experts, c.outtype) for c in cs] == [
         ("mlpmoe", 0, 8, 8, "q8_0"), ("cmoe", 2, 2, 16, "q4_0"), ("cmoe", 4, 4, 16, "q4_0"),
         ("moefication", 0, 12, 16, "q8_0"), ("cmoe", 1, 3, 16, "q8_0")]
     assert [c.active_fraction for c in cs] == [1.0, 0.25, 0.5, 0.75, 0.25]
-    assert map_fraction("cmoe", 0.75, None) == (16, 6, 6)
-    assert map_fraction("moefication", 0.25, 8) == (8, 0, 2)
-    assert map_fraction("mlpmoe", 0.5, None) == map_fraction("cmoe", 0.5, None)   # the baseline, same top-k
-    assert map_fraction("finegrained", 0.5, None) == (48, 8, 16)
-    assert [(c.top_k, c.experts) for c in parse_configs("moe:0.25:q4_0,moe:0.5:q4_0", synthetic=True)] == \
-        [(4, 16), (8, 16)]
+    assert expert_layout("cmoe", 1536, 0.75) == (16, 6, 6)
+    assert expert_layout("moefication", 1536, 0.25, 8) == (8, 0, 2)
+    assert expert_layout("mlpmoe", 1536, 0.5) == expert_layout("cmoe", 1536, 0.5)   # the baseline, same top-k
+    assert expert_layout("finegrained", 1536, 0.5) == (48, 8, 16)
+    assert [(c.top_k, c.experts) for c in parse_configs("moe:0.25:q4_0,moe:0.5:q4_0", synthetic=True,
+                                                        d_ff=8192)] == [(4, 16), (8, 16)]
     for bad in ("cmoe:0.25", "foo:0.5:q8_0", "cmoe:0.5:q9_9", "cmoe:1.5:q8_0", "mlpmoe:0.5:f64",
                 "cmoe:S16A1E16:q8_0", "cmoe:0.01:q8_0", "cmoe:0.5:q8_0,cmoe:50%:q8_0", "cmoe:x:q8_0"):
         with pytest.raises(UserError):
-            parse_configs(bad, synthetic=False)
+            parse_configs(bad, synthetic=False, d_ff=1536)
     with pytest.raises(UserError):
-        parse_configs("cmoe:0.5:q4_0", synthetic=True)
-    (t,) = parse_configs("tomoe:25%:q4_0", synthetic=False)
+        parse_configs("cmoe:0.5:q4_0", synthetic=True, d_ff=1536)
+    (t,) = parse_configs("tomoe:25%:q4_0", synthetic=False, d_ff=1536)
     assert (t.experts, t.top_k, t.active_fraction, t.slug) == (8, 1, 0.25, "tomoe-E8p0.25")
     for bad in ("tomoe:S1A1E8:q4_0", "tomoe:0.5:q4_0,tomoe:50%:q4_0"):
         with pytest.raises(UserError):
-            parse_configs(bad, synthetic=False)
+            parse_configs(bad, synthetic=False, d_ff=1536)
 
 
 def test_user_errors_are_one_line(tmp_path, capsys):

@@ -23,6 +23,8 @@ class MethodOptions:
     runtime: str = "patched"        # "stock": plans expressed for unmodified llama.cpp (stock.py)
     shared_layout: str = "experts"  # patched runtime: shared expert as always-selected experts, or "separate"
     router_dtype: str = "f32"       # "f16": router matrices stored (and computed) in f16 (plan.ROUTER_DTYPES)
+    active: float | None = None     # fraction of MLP neurons per token: E/S/K (experts/shared/top_k left None) from
+                                    # d_ff and this fraction (sizing.expert_layout); None: the methods' own defaults
     extra: dict = field(default_factory=dict)   # method-specific: cmoe "ka"; moefication "split", "router"
 
     @property
@@ -39,10 +41,22 @@ METHOD_NAMES = ("mlpmoe", "cmoe", "moefication", "finegrained", "tomoe")
 
 
 def resolve_options(name: str, opts: MethodOptions, d_ff: int) -> MethodOptions:
-    """Fill in experts/shared left as None with the method's defaults for this d_ff (8 experts, no shared expert,
-    unless the method says otherwise)."""
+    """Fill in experts/shared/top_k left as None: from ``opts.active`` and d_ff when it is set
+    (``sizing.expert_layout``; shared and top-k given explicitly win, and a top-k then keeps the fraction), else
+    with the method's defaults for this d_ff (8 experts, no shared expert, unless the method says otherwise)."""
     from dataclasses import replace
     method = get_method(name)
+    if opts.active is not None:
+        from ..sizing import expert_layout
+        experts, shared, top_k = expert_layout(name, d_ff, opts.active, opts.experts)
+        if name == "tomoe":   # the fraction is its trained budget; top-1 of E masks
+            extra = {"budget": opts.active, **opts.extra}
+            return replace(opts, experts=experts, shared=0 if opts.shared is None else opts.shared,
+                           top_k=opts.top_k, extra=extra)
+        if opts.shared is not None and opts.top_k is None:
+            top_k = max(1, round(opts.active * experts) - opts.shared)
+        return replace(opts, experts=experts, shared=shared if opts.shared is None else opts.shared,
+                       top_k=top_k if opts.top_k is None else opts.top_k)
     experts = opts.experts
     if experts is None:
         experts = method.default_experts(d_ff) if hasattr(method, "default_experts") else 8
