@@ -40,6 +40,9 @@ def check_text_source(source: str, flag: str) -> None:
     if source != WIKITEXT2 and not Path(source).expanduser().exists():
         raise UserError(f"{flag} {source}: no such file or folder (give a text file, a folder of .txt files "
                         f"or '{WIKITEXT2}')")
+    if Path(source).expanduser().is_file():   # not UTF-8 text: refused now, not after loading the model
+        from .textfile import read_utf8
+        read_utf8(source, f"{flag} file")
 
 
 def check_calib_options(opts, method: str) -> None:
@@ -54,6 +57,7 @@ def check_calib_options(opts, method: str) -> None:
 
 
 def read_calib_text(source: str) -> str:
+    from .textfile import read_utf8
     if source == WIKITEXT2:
         try:
             from datasets import load_dataset
@@ -72,9 +76,9 @@ def read_calib_text(source: str) -> str:
         files = sorted(p.glob("*.txt"))
         if not files:
             raise UserError(f"--calib {source}: folder has no *.txt files")
-        return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+        return "\n\n".join(read_utf8(f, "--calib file") for f in files)
     if p.is_file():
-        return p.read_text(encoding="utf-8", errors="replace")
+        return read_utf8(p, "--calib file")
     raise UserError(f"--calib {source}: no such file or folder (give a text file, a folder of .txt files or "
                     f"'{WIKITEXT2}')")
 

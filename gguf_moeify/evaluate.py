@@ -30,10 +30,8 @@ class PerplexityResult:
 
 
 def read_text(path: str | Path) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"text file not found: {path}")
-    return p.read_text(encoding="utf-8", errors="replace")
+    from .textfile import read_utf8
+    return read_utf8(path)
 
 
 def tokenize_for_ppl(tokenizer, text: str, add_bos: bool) -> list[int]:

@@ -12,7 +12,7 @@
 #   --stock        unpatched llama.cpp, only llama-perplexity and llama-completion (reference for "stock" files)
 #   --profile      the patch series plus scripts/profile/node-timer.patch (per-node timing), only llama-bench, into
 #                  build/llama-cpp-prof/bin, for scripts/profile_decode.py
-#   --with-cli     also build llama-cli (links the server code: ~3 min more on 2 cores)
+#   --with-cli     also build llama-cli and llama-server (both link the server code: a few min more on 2 cores)
 #   --configure-only  stop after CMake configure (checks a backend's toolchain without the long build)
 #
 # Source: gguf_moeify.llama_cpp_source.llama_cpp_source() (LLAMA_CPP_DIR, the cache, git clone, or the PyPI sdist of
@@ -113,7 +113,7 @@ else
     OUT="$PROJECT/build/llama-cpp-stock"
     TARGETS=(llama-perplexity llama-completion)
 fi
-[[ $WITH_CLI == 1 ]] && TARGETS+=(llama-cli)
+[[ $WITH_CLI == 1 ]] && TARGETS+=(llama-cli llama-server)
 KEY="$COMMIT-$BACKEND-$PKEY"
 WORK="$CACHE/builds/$KEY"
 STAMP="$WORK/build/.complete-$(echo "${TARGETS[*]}" | tr ' ' '+')"
