@@ -40,6 +40,35 @@ class Adapter:
         p = self.layer_prefix.format(i=layer)
         return (f"{p}{self.mlp_gate}.weight", f"{p}{self.mlp_up}.weight", f"{p}{self.mlp_down}.weight")
 
+    def expected_shapes(self, config: dict, has) -> dict[str, tuple[int, ...]]:
+        """Every tensor the converter reads, with the shape config.json implies (torch order, out x in).
+        ``has(name)`` says whether the checkpoint holds an optional tensor (biases, an untied lm_head)."""
+        d, ff, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+        n_head = config["num_attention_heads"]
+        n_kv = config.get("num_key_value_heads") or n_head
+        head_dim = config.get("head_dim") or d // n_head
+        rows = {"self_attn.q_proj": n_head * head_dim, "self_attn.k_proj": n_kv * head_dim,
+                "self_attn.v_proj": n_kv * head_dim}
+        vectors = {"input_layernorm": d, "post_attention_layernorm": d, "self_attn.q_norm": head_dim,
+                   "self_attn.k_norm": head_dim}
+        out = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,)}
+        if has("lm_head.weight"):
+            out["lm_head.weight"] = (vocab, d)
+        for i in range(config["num_hidden_layers"]):
+            p = self.layer_prefix.format(i=i)
+            for mod in self.layer_tensors:
+                if mod in vectors:
+                    out[f"{p}{mod}.weight"] = (vectors[mod],)
+                elif mod == "self_attn.o_proj":
+                    out[f"{p}{mod}.weight"] = (d, n_head * head_dim)
+                else:
+                    out[f"{p}{mod}.weight"] = (rows[mod], d)
+                    if has(f"{p}{mod}.bias"):
+                        out[f"{p}{mod}.bias"] = (rows[mod],)
+            gate, up, down = self.mlp_names(i)
+            out.update({gate: (ff, d), up: (ff, d), down: (d, ff)})
+        return out
+
 
 ADAPTERS: tuple[Adapter, ...] = (
     Adapter("llama", ("llama", "mistral"), "llama", permute_qk=True, layer_tensors=_LLAMA_ATTN,

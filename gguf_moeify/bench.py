@@ -298,10 +298,8 @@ class MoEFiles:
     """Converts configurations, reusing files with the same recorded recipe and plans across outtypes."""
 
     def __init__(self, model: str, work: Path, args):
-        from .adapters import adapter_for
-        from .checkpoint import Checkpoint
-        self.ckpt = Checkpoint(model, "float32")
-        self.adapter = adapter_for(self.ckpt.config)
+        from .convert import open_model
+        self.ckpt, self.adapter = open_model(model, "float32")
         self.work, self.args = work, args
         self._plans: dict[str, list] = {}
 

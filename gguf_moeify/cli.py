@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .errors import UserError
@@ -320,23 +322,47 @@ def _run(args) -> int:
     return 0
 
 
+def _interrupt_on_signal(signum, frame):
+    """SIGTERM / SIGHUP end a run like Ctrl-C: the KeyboardInterrupt unwinds through every ``finally`` that
+    removes a temporary file."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _os_error_line(exc: OSError) -> str:
+    where = f": {exc.filename}" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench":  # its own parser (gguf_moeify/bench.py)
-        try:
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None:
+                previous[sig] = signal.signal(sig, _interrupt_on_signal)
+    try:
+        return _main(argv)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str]) -> int:
+    try:
+        if argv and argv[0] == "bench":  # its own parser (gguf_moeify/bench.py)
             from .bench import main as bench_main
             return bench_main(argv[1:])
-        except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
-        argv.insert(0, "convert")
-    args = build_parser().parse_args(argv)
-    try:
+        if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+            argv.insert(0, "convert")
+        args = build_parser().parse_args(argv)
         return _run(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    except OSError as exc:   # disk full, permission, a file that vanished: the system's words, one line
+        print(f"error: {_os_error_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:   # Ctrl-C, or SIGTERM/SIGHUP through _interrupt_on_signal
+        name = str(exc)
+        print(f"error: interrupted{f' ({name})' if name else ''}", file=sys.stderr)
+        return 128 + (signal.Signals[name].value if name in signal.Signals.__members__ else signal.SIGINT)

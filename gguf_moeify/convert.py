@@ -18,6 +18,32 @@ from .methods import MethodOptions, get_method, resolve_options
 from .plan import MoEPlan
 
 
+def open_model(model: str, dtype: str = "float32") -> tuple[Checkpoint, Adapter]:
+    """The checkpoint and its adapter, with every tensor's shape and dtype checked against config.json from the
+    safetensors headers (no weights read), so a bad checkpoint fails in seconds, not after planning."""
+    ckpt = Checkpoint(model, dtype)
+    adapter = adapter_for(ckpt.config)
+    ckpt.check_tensors(adapter.expected_shapes(ckpt.config, ckpt.has))
+    return ckpt, adapter
+
+
+def check_output_path(out: Path, model_dir: Path) -> None:
+    """Never write into the source model's folder, and never replace a file that is not a GGUF (a mistyped
+    argument must not destroy a checkpoint, a text or anything else)."""
+    if out.is_dir():
+        raise UserError(f"output {out} is a folder; give a file name such as {out / 'model-moe.gguf'}")
+    if out.resolve().is_relative_to(model_dir.resolve()):
+        raise UserError(f"output {out} is inside the model folder {model_dir}; write it elsewhere")
+    if out.exists():
+        try:
+            with open(out, "rb") as f:
+                magic = f.read(4)
+        except OSError as exc:
+            raise UserError(f"cannot write {out}: {exc.strerror or exc}")
+        if magic != b"GGUF":
+            raise UserError(f"output {out} exists and is not a GGUF file; refusing to replace it")
+
+
 def make_plans(ckpt: Checkpoint, adapter: Adapter, method_name: str, opts: MethodOptions,
                progress: bool = True) -> list[MoEPlan]:
     """One plan per decoder layer; only that layer's MLP weights are in memory at a time. Methods that need
@@ -71,8 +97,7 @@ def write_model_file(ckpt: Checkpoint, adapter: Adapter, plans: list[MoEPlan], o
     if outtype not in OUTTYPES:
         raise UserError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
     out = Path(out)
-    if out.is_dir():
-        raise UserError(f"output {out} is a folder; give a file name such as {out / 'model-moe.gguf'}")
+    check_output_path(out, ckpt.path)
     tmp = output_temp_path(out)
     try:
         if make_plans_fn is not None:
@@ -121,8 +146,7 @@ def convert(model: str, out: str | os.PathLike, method: str = "mlpmoe", opts: Me
     opts = opts or MethodOptions()
     if outtype not in OUTTYPES:
         raise UserError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
-    ckpt = Checkpoint(model, dtype)
-    adapter = adapter_for(ckpt.config)
+    ckpt, adapter = open_model(model, dtype)
     opts = resolve_options(method, opts, ckpt.d_ff)
     get_method(method).validate(opts, ckpt.d_ff)
     prov = provenance(ckpt, method, opts, outtype, dtype)

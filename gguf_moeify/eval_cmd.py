@@ -1,9 +1,8 @@
 """``eval``: dense vs converted perplexity in the torch reference, one model in memory (swapped in place)."""
 from __future__ import annotations
 
-from .adapters import adapter_for
-from .checkpoint import Checkpoint
-from .convert import make_plans
+from .convert import make_plans, open_model
+from .errors import UserError
 from .evaluate import perplexity, read_text, tokenize_for_ppl
 from .methods import MethodOptions
 from .reference import load_dense, logits_fn, moeify_
@@ -19,8 +18,9 @@ def evaluate_model(model: str, text_file: str, method: str, opts: MethodOptions,
     two ceilings of the (fine-tuned, if so) plan."""
     if finetune is not None:
         finetune.check(opts.calib)
-    ckpt = Checkpoint(model, dtype)
-    adapter = adapter_for(ckpt.config)
+    if ctx < 16 or (chunks is not None and chunks < 1):
+        raise UserError(f"--ctx must be >= 16 and --chunks >= 1 (got --ctx {ctx}, --chunks {chunks})")
+    ckpt, adapter = open_model(model, dtype)
     text = read_text(text_file)
     plans = make_plans(ckpt, adapter, method, opts)
     hf, tok = load_dense(ckpt)
