@@ -12,7 +12,9 @@ patched-runtime contract (``patches/README.md``) for the ``llama`` architecture:
 
 Quantized weights are random blocks written as bytes (random nibbles/int8 with a fixed scale that gives a weight
 std of ~0.02), so a 7B-class file is written at disk speed; no float tensor of the full size is ever made.
-The tokenizer (keys ``tokenizer.*``) is copied from a small real GGUF (the embedded SmolLM2, vocabulary 49152).
+The tokenizer is generated (a SentencePiece-style vocabulary of ``n_vocab`` tokens: control tokens, the 256 byte
+tokens, then fillers), so no real model is needed; ``tokenizer_gguf`` copies a real GGUF's ``tokenizer.*`` keys
+instead.
 Every file says it is synthetic: ``general.name`` starts with "SYNTHETIC" and ``gguf_moeify.synthetic`` is true.
 """
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Shape:
     n_layer: int
     n_head: int
     n_head_kv: int
+    n_vocab: int = 49152   # the output projection's rows: part of what each decoded token reads
 
 
 SHAPES = {
@@ -74,9 +77,26 @@ def _random_tensor(rng: np.random.Generator, shape: tuple[int, ...], outtype: st
     return data
 
 
-def tokenizer_source() -> Path:
-    from .demo_model import embedded_gguf_path
-    return embedded_gguf_path()
+def _write_generated_vocab(w, n_vocab: int) -> None:
+    """A minimal SentencePiece ("llama") vocabulary llama.cpp loads: <unk> <s> </s>, the byte tokens, fillers."""
+    import gguf
+    T = gguf.TokenType
+    specials = ["<unk>", "<s>", "</s>"]
+    if n_vocab < len(specials) + 256:
+        raise UserError(f"a synthetic vocabulary needs at least {len(specials) + 256} tokens, not {n_vocab}")
+    tokens = specials + [f"<0x{b:02X}>" for b in range(256)]
+    types = [T.UNKNOWN, T.CONTROL, T.CONTROL] + [T.BYTE] * 256
+    n_fill = n_vocab - len(tokens)
+    tokens += [f"\u2581t{i}" for i in range(n_fill)]
+    types += [T.NORMAL] * n_fill
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * (n_vocab - n_fill) + [-float(i) for i in range(n_fill)])
+    w.add_token_types([int(t) for t in types])
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(True)
 
 
 @functools.lru_cache(maxsize=2)
@@ -113,8 +133,8 @@ def write_synthetic(out: str | os.PathLike, shape: Shape, outtype: str = "q4_0",
         if not 1 <= top_k <= experts:
             raise UserError(f"top-k {top_k} must be between 1 and {experts}")
     out = Path(out)
-    tok_keys = _tokenizer_keys(str(tokenizer_gguf or tokenizer_source()))
-    n_vocab = len(next(v for k, v, _ in tok_keys if k == "tokenizer.ggml.tokens"))
+    tok_keys = _tokenizer_keys(str(tokenizer_gguf)) if tokenizer_gguf else None
+    n_vocab = len(next(v for k, v, _ in tok_keys if k == "tokenizer.ggml.tokens")) if tok_keys else shape.n_vocab
     d, hd = shape.n_embd, shape.n_embd // shape.n_head
     kind = f"MoE E{experts} K{top_k} ({top_k / experts:.0%} active)" if experts else "dense"
     meta = synthetic_recipe(shape, outtype, experts, top_k, seed, router_dtype)
@@ -142,8 +162,11 @@ def write_synthetic(out: str | os.PathLike, shape: Shape, outtype: str = "q4_0",
     from .gguf_writer import _copy_key, file_type
     w.add_file_type(file_type(outtype))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for k, v, types in tok_keys:
-        _copy_key(w, k, v, types)
+    if tok_keys:
+        for k, v, types in tok_keys:
+            _copy_key(w, k, v, types)
+    else:
+        _write_generated_vocab(w, n_vocab)
 
     emb_type = "q8_0" if outtype == "q4_0" else outtype
     entries: list[tuple[str, tuple[int, ...], str]] = [("token_embd.weight", (n_vocab, d), emb_type)]

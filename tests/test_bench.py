@@ -105,7 +105,12 @@ def test_user_errors_are_one_line(tmp_path, capsys):
         assert err.startswith("error:") and "Traceback" not in err
 
 
-def test_synthetic_files_layout_and_bandwidth(tmp_path):
+def test_synthetic_files_layout_and_bandwidth(tmp_path, monkeypatch):
+    import gguf_moeify.demo_model as demo_model
+
+    def no_real_model():
+        raise AssertionError("synthetic files must not need the embedded model")
+    monkeypatch.setattr(demo_model, "embedded_gguf_path", no_real_model)
     shape = SHAPES["tiny"]
     dense = write_synthetic(tmp_path / "d.gguf", shape, "q4_0")
     moe = write_synthetic(tmp_path / "m.gguf", shape, "q4_0", experts=16, top_k=4)
@@ -115,7 +120,8 @@ def test_synthetic_files_layout_and_bandwidth(tmp_path):
     assert r.fields["llama.expert_weights_unit"].contents() is True
     assert int(r.fields["llama.expert_count"].contents()) == 16
     assert int(r.fields["llama.expert_feed_forward_length"].contents()) == shape.n_ff // 16
-    assert "tokenizer.ggml.tokens" in r.fields
+    assert r.fields["tokenizer.ggml.model"].contents() == "llama"   # generated: no real tokenizer needed
+    assert len(r.fields["tokenizer.ggml.tokens"].contents()) == shape.n_vocab
     t = {x.name: x for x in r.tensors}
     assert t["blk.0.ffn_gate_up_exps.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_0
     assert t["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
