@@ -122,3 +122,16 @@ def test_inspect_prints_layout(tiny_llama, tmp_path):
     assert proc.returncode == 0
     assert "expert_count: 4" in proc.stdout and "blk.1: ffn_gate_inp[4x64 F32]" in proc.stdout
     assert "ffn_gate_up_exps[4x128x64 F16]" in proc.stdout
+
+
+def test_console_script_is_the_same_program(tmp_path):
+    """`gguf-moeify` (installed by pip with the package) behaves as `python -m gguf_moeify`."""
+    script = Path(sys.executable).parent / "gguf-moeify"
+    if not script.is_file():
+        pytest.skip(f"{script} not installed (pip install . installs it)")
+    proc = subprocess.run([str(script), "convert", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: gguf-moeify convert MODEL OUT.gguf")
+    assert "main options:" in proc.stdout and "--active FRACTION" in proc.stdout
+    proc = subprocess.run([str(script), str(tmp_path / "nope"), str(tmp_path / "out.gguf")], capture_output=True,
+                          text=True)
+    assert_clean_failure(proc, tmp_path, "model not found")
