@@ -453,12 +453,13 @@ def _parser() -> argparse.ArgumentParser:
                         "needed)")
     p.add_argument("--synthetic", choices=("1b", "7b", "tiny"), default=None,
                    help="SYNTHETIC random-weight models of a real shape, speed only: 1b = n_embd 2048, n_ff 8192, "
-                        "16 layers, 16 heads; 7b = 4096/11008/32 layers/32 heads (tiny: tests)")
+                        "16 layers, 16 heads; 7b = 4096/11008/32 layers/32 heads (tiny: tests) (default: none, "
+                        "MODEL is converted)")
     p.add_argument("--experts", "-E", type=int, default=None,
                    help="E for fractions (default: from the model's d_ff, as convert --active: finegrained "
                         "d_ff/32, cmoe/moefication nearest 16, mlpmoe nearest 8)")
     p.add_argument("--text", default=None, help="evaluation text (UTF-8), needs >= 2*ctx tokens; required "
-                                                "unless --synthetic")
+                                                "unless --synthetic (default: none)")
     p.add_argument("--ctx", type=int, default=512, help="perplexity window in tokens (default: %(default)s)")
     p.add_argument("--chunks", type=int, default=10, help="windows scored (default: %(default)s)")
     p.add_argument("--kld-base", default="f16", help="outtype of the dense model whose logits are the "
@@ -468,8 +469,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", "-r", type=int, default=3, help="llama-bench repetitions, >= 3 (default: %(default)s)")
     p.add_argument("--n-prompt", "-p", type=int, default=128, help="llama-bench prompt tokens (default: %(default)s)")
     p.add_argument("--n-gen", "-n", type=int, default=32, help="llama-bench generated tokens (default: %(default)s)")
-    p.add_argument("--calib", default=None, help="calibration text for cmoe/moefication/finegrained "
-                                                 "(FILE|DIR|wikitext2)")
+    p.add_argument("--calib", default=None, help="calibration text for cmoe/moefication/finegrained/tomoe "
+                                                 "(FILE|DIR|wikitext2) (default: none)")
     p.add_argument("--calib-samples", type=int, default=4, help="calibration windows (default: %(default)s)")
     p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window "
                                                                  "(default: %(default)s)")
@@ -487,7 +488,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", "-o", default="out/bench", help="results folder (default: %(default)s)")
     p.add_argument("--plot-y", default="ppl", choices=("ppl", "kld"), help="y axis of the plot "
                                                                            "(default: %(default)s)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress lines (default: off)")
     return p
 
 

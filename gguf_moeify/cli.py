@@ -267,11 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
                        usage="%(prog)s MODEL --text FILE [--method M] [--active F] [--calib FILE] [--chunks N] "
                              "[advanced options]")
     e.add_argument("model", metavar="MODEL")
-    e.add_argument("--text", required=True, help="UTF-8 text file to score")
+    e.add_argument("--text", required=True, help="UTF-8 text file to score (required; the package bundles "
+                                                 "gguf_moeify/data/pride_and_prejudice_excerpt.txt)")
     e.add_argument("--ctx", type=int, default=512, help="window length in tokens; the second half of each "
                                                         "window is scored (default: %(default)s)")
     e.add_argument("--chunks", type=int, default=None, help="at most this many windows (default: all)")
-    e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    e.add_argument("--json", action="store_true", help="print one JSON object instead of a table (default: off)")
     e.add_argument("--oracle", action="store_true",
                    help="also score two ceilings, torch reference only: the same experts chosen per token by a "
                         "ground-truth oracle (top-k by output norm: the bound for any router), and the same number "
