@@ -29,6 +29,8 @@
 #                                                           can loop on regeneration)
 #   -DBUILD_SHARED_LIBS=OFF   static binaries: bin/ can be copied anywhere without shared libs
 #   -DLLAMA_BUILD_SERVER=OFF unless --with-cli; -DLLAMA_OPENSSL=OFF
+#   x86_64: CMAKE_C_FLAGS/CMAKE_CXX_FLAGS -mno-amx-tile -mno-amx-int8 -mno-amx-bf16 (cache key $COMMIT-cpu-noamx-...; see the
+#   note at KEY below; GGML_MOEIFY_AMX=1 leaves AMX to ggml)
 # Output: <project>/build/llama-cpp/bin (patched), build/llama-cpp-stock/bin (--stock) or build/llama-cpp-prof/bin
 # (--profile), plus BUILD_INFO. A --profile build's cache key ends in -prof; one is kept besides the patched ones.
 # Environment: PYTHON (interpreter with gguf_moeify importable; default .venv/bin/python), GGUF_MOEIFY_CACHE,
@@ -114,7 +116,15 @@ else
     TARGETS=(llama-perplexity llama-completion)
 fi
 [[ $WITH_CLI == 1 ]] && TARGETS+=(llama-cli llama-server)
-KEY="$COMMIT-$BACKEND-$PKEY"
+# x86: no AMX tile kernels (ggml's -march=native would compile them in on Sapphire Rapids and later). Seen here: a VM
+# whose CPU reports AMX ran them into SIGILL (tilezero on a tile whose configuration the VM had not kept), in the
+# stock build as well, for any q4_0/q8_0 batch; and the patch series' MUL_MAT_ID kernels are the repacked ones.
+# GGML_MOEIFY_AMX=1 keeps ggml's default.
+NO_AMX_FLAGS=""
+if [[ "$(uname -m)" == x86_64 && "${GGML_MOEIFY_AMX:-0}" != 1 ]]; then
+    NO_AMX_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+fi
+KEY="$COMMIT-$BACKEND${NO_AMX_FLAGS:+-noamx}-$PKEY"
 WORK="$CACHE/builds/$KEY"
 STAMP="$WORK/build/.complete-$(echo "${TARGETS[*]}" | tr ' ' '+')"
 echo "[build_llama_cpp] source $SRC"
@@ -148,6 +158,7 @@ else
     CMAKE_ARGS=(-G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_CURL=OFF
                 -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_COMMIT=$COMMIT -DLLAMA_BUILD_NUMBER=0 -DBUILD_SHARED_LIBS=OFF)
     if [[ $WITH_CLI == 0 ]]; then CMAKE_ARGS+=(-DLLAMA_BUILD_SERVER=OFF); fi
+    [[ -n "$NO_AMX_FLAGS" && "$BACKEND" != cuda ]] && CMAKE_ARGS+=(-DCMAKE_C_FLAGS="$NO_AMX_FLAGS" -DCMAKE_CXX_FLAGS="$NO_AMX_FLAGS")
     case "$BACKEND" in
         cpu) ;;
         metal) CMAKE_ARGS+=(-DGGML_METAL=ON) ;;
@@ -173,7 +184,8 @@ else
             [[ -n "$CUBLAS_LIB" && -n "$CUBLASLT_LIB" ]] || die "no libcublas in $CUBLAS_DIR/lib"
             CMAKE_ARGS+=(-DGGML_CUDA=ON -DGGML_CUDA_NO_VMM=ON
                          -DCUDA_cublas_LIBRARY="$CUBLAS_LIB" -DCUDA_cublasLt_LIBRARY="$CUBLASLT_LIB"
-                         -DCMAKE_CUDA_FLAGS="-I$CUBLAS_DIR/include" -DCMAKE_CXX_FLAGS="-I$CUBLAS_DIR/include"
+                         -DCMAKE_CUDA_FLAGS="-I$CUBLAS_DIR/include" -DCMAKE_C_FLAGS="$NO_AMX_FLAGS"
+                         -DCMAKE_CXX_FLAGS="-I$CUBLAS_DIR/include $NO_AMX_FLAGS"
                          -DCMAKE_BUILD_RPATH="$CUBLAS_DIR/lib")
             # default "native" needs a visible GPU; without one (a build machine) fall back to sm_90
             if [[ -z "${CMAKE_CUDA_ARCHITECTURES:-}" ]] && ! nvidia-smi -L >/dev/null 2>&1; then
