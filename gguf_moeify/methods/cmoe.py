@@ -9,8 +9,8 @@ Per layer, on the calibration MLP inputs x (T tokens, layer-sequential: the conv
 2. Shared expert: the S * m neurons with the highest μ (m = d_ff / z; ties broken by neuron index).
 3. Routed experts: among the rest, the z - S highest-μ neurons give the initial centroids (their columns of A);
    every remaining neuron is assigned to a centroid by an exact balanced linear assignment on the L1 distance
-   between its column and the centroid (each centroid gets m neurons; scipy's linear_sum_assignment on the cost
-   replicated m times). One refinement pass: centroids become the mean columns of their clusters, and the neurons
+   between its column and the centroid (each centroid gets m neurons; _balanced.py's transportation solver, the
+   same optimum as scipy's linear_sum_assignment on the cost replicated m times). One refinement pass: centroids become the mean columns of their clusters, and the neurons
    are reassigned the same way. For a binary column a and a centroid c in [0,1]^T, |a - c|_1 = Σa + Σc - 2 a·c,
    which is how the distances are computed (counts in float64).
 4. Router: per routed expert its representative neuron (the member closest in L1 to the final cluster mean; ties by
