@@ -1,13 +1,16 @@
 """The balanced assignment (a transportation problem solved on the k clusters, never n x n) against the exact
-replicated-column linear assignment, and the balanced k-means built on it. Small shapes only: speed is measured by
-scripts/bench_scaling.py, not here."""
+replicated-column linear assignment, the balanced k-means built on it, and the partial eigensolver against a full
+eigendecomposition. Small shapes only: speed is measured by scripts/bench_scaling.py, not here."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from scipy.optimize import linear_sum_assignment
 
+from gguf_moeify.linalg import top_eigenvectors
 from gguf_moeify.methods._balanced import balanced_assign, balanced_assign_with_prices, balanced_kmeans
+from gguf_moeify.methods._spectral import coactivation_counts, spectral_embedding, top_marks
 
 
 def _replicated_lsa(cost: np.ndarray) -> float:
@@ -75,3 +78,43 @@ def test_balanced_kmeans_is_balanced_and_deterministic():
     # the three well-separated blobs are found exactly
     assert all(len(set(labels[i * 20:(i + 1) * 20])) == 1 for i in range(3))
     assert np.array_equal(labels, balanced_kmeans(pts, 3, seed=0))
+
+
+def _sin_largest_angle(u: np.ndarray, v: np.ndarray) -> float:
+    s = np.linalg.svd(np.linalg.qr(u)[0].T @ np.linalg.qr(v)[0], compute_uv=False)
+    return float(np.sqrt(max(0.0, 1 - s.min() ** 2)))
+
+
+def test_partial_eigensolver_finds_the_top_subspace_of_eigh():
+    rng = np.random.default_rng(5)
+    n, k = 600, 12
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    # a gap, and negative eigenvalues larger in magnitude than some wanted ones (the solver ranks algebraically)
+    spectrum = np.r_[np.linspace(3, 2, k), rng.uniform(-2.5, 0.5, n - k)]
+    a = torch.as_tensor((q * spectrum) @ q.T, dtype=torch.float32)
+    vals, vecs = top_eigenvectors(a, k, seed=0)
+    ref_vals, ref_vecs = np.linalg.eigh(a.double().numpy())
+    assert np.allclose(vals, ref_vals[::-1][:k], rtol=1e-4, atol=1e-4)
+    assert _sin_largest_angle(vecs, ref_vecs[:, -k:]) < 1e-3
+    deeper = top_eigenvectors(a, k, seed=0, depth=12)[1]                   # a deeper Krylov space converges
+    assert _sin_largest_angle(deeper, ref_vecs[:, -k:]) < 1e-5
+    assert np.array_equal(vecs, top_eigenvectors(a, k, seed=0)[1])          # seeded: deterministic
+
+
+def test_spectral_embedding_of_a_block_coactivation_graph():
+    """Four groups of neurons that fire together: the embedding separates them and k-means recovers them."""
+    rng = np.random.default_rng(2)
+    n, groups_, T = 400, 4, 3000
+    member = np.repeat(np.arange(groups_), n // groups_)
+    active_group = rng.integers(0, groups_, T)
+    scores = torch.as_tensor((member[None, :] == active_group[:, None]) + rng.random((T, n)) * 0.5,
+                             dtype=torch.float32)
+    counts = coactivation_counts(top_marks(scores[s:s + 1000], n // groups_) for s in range(0, T, 1000))
+    dense = (scores >= scores.topk(n // groups_, dim=1).values[:, -1:]).float()
+    expect = dense.t() @ dense
+    expect.fill_diagonal_(0)
+    assert counts.dtype == torch.float32 and torch.equal(counts, expect)     # exact counts
+    emb = spectral_embedding(counts, groups_, seed=0)
+    labels = balanced_kmeans(emb, groups_, seed=0)
+    for g in range(groups_):
+        assert len(set(labels[member == g])) == 1

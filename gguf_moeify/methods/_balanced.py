@@ -23,7 +23,6 @@ argmin's first index on ties, stable sorts.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import dijkstra
 
@@ -158,15 +157,3 @@ def groups(labels: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
     """(k, m) sorted neuron indices per cluster."""
     order = np.lexsort((idx, labels))
     return idx[order].reshape(k, -1)
-
-
-def spectral_embedding(A: torch.Tensor, k: int) -> np.ndarray:
-    """Rows of the top-k eigenvectors of D^-1/2 A D^-1/2 for a symmetric co-activation matrix A (float64, zero
-    diagonal), each row L2-normalised (Ng-Jordan-Weiss), eigenvector signs fixed for determinism."""
-    deg = A.sum(1)
-    inv = torch.where(deg > 0, deg.rsqrt(), torch.zeros_like(deg))
-    _, vecs = torch.linalg.eigh(inv[:, None] * A * inv[None, :])     # ascending eigenvalues
-    emb = vecs[:, -k:].numpy()
-    emb = emb * np.sign(emb[np.abs(emb).argmax(0), np.arange(k)])
-    norms = np.linalg.norm(emb, axis=1, keepdims=True)
-    return emb / np.where(norms > 0, norms, 1)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..plan import MoEPlan, Router
+from ..timing import phase
 from . import MethodOptions, check_common
 from ._balanced import balanced_assign, groups
 
@@ -125,8 +126,10 @@ def plan_layer(layer: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Ten
     d_ff = gate.shape[0]
     ka = int(opts.extra.get("ka", DEFAULT_KA))
     top_k = opts.top_k if opts.top_k is not None else default_top_k(opts)
-    markers = activation_markers(stats.x, gate, up, ka)
-    shared, experts, reps, rates = build_experts(markers, opts.experts, opts.shared)
+    with phase("statistics"):
+        markers = activation_markers(stats.x, gate, up, ka)
+    with phase("partition"):
+        shared, experts, reps, rates = build_experts(markers, opts.experts, opts.shared)
     rep_t = torch.as_tensor(reps)
     router = Router("cmoe", {"gate": F.normalize(gate.float()[rep_t], dim=1).numpy(),
                              "up": F.normalize(up.float()[rep_t], dim=1).numpy()})

@@ -10,11 +10,14 @@ MLP inputs x (layer-sequential, like CMoE/MoEfication):
    alone, the papers' statistic, for comparison.
 2. Shared expert: the S * m neurons with the largest mean importance (m = d_ff / E).
 3. Routed experts: each token marks its top-q remaining neurons by importance, q = the routed share of the active
-   budget (at least 5%); co-activation graph A_ij = Σ_t mark_ti mark_tj (float64), spectral embedding (top E - S
-   eigenvectors of D^-1/2 A D^-1/2, rows normalised) and exact balanced k-means into E - S experts of m neurons
-   (MoEfication's co-activation split, with importance marks instead of activation marks).
+   budget (at least 5%); co-activation graph A_ij = Σ_t mark_ti mark_tj (exact counts in float32), spectral
+   embedding (top E - S eigenvectors of D^-1/2 A D^-1/2 by a partial seeded eigensolver, rows normalised) and exact
+   balanced k-means into E - S experts of m neurons (MoEfication's co-activation split, with importance marks
+   instead of activation marks; _spectral.py, _balanced.py).
 4. Router (``--router``): trained to predict, per token, each routed expert's output norm ||W_down_e h_e|| on the
-   calibration tokens (the quantity the oracle ranks by), as per-token standardised log norms.
+   calibration tokens (the quantity the oracle ranks by), as per-token standardised log norms. The norms come
+   from the activations h kept from step 1 and each expert's m x m Gram matrix W_down_e^T W_down_e
+   (||W_down_e h_e||^2 = h_e^T G_e h_e: m^2 instead of m * d multiply-adds per token and expert).
    * ``linear`` (default): ridge least squares from raw x (the runtime's linear router has no bias); costs
      d x (E - S) per token.
    * ``mlp``: Linear(d -> H) -> tanh -> Linear(H -> E - S) regressing the same targets (MSE; MoEfication's trainer:
@@ -37,8 +40,10 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..plan import MoEPlan, Router
+from ..timing import phase
 from . import MethodOptions, check_common
-from ._balanced import balanced_kmeans, groups, spectral_embedding
+from ._balanced import balanced_kmeans, groups
+from ._spectral import coactivation_counts, spectral_embedding, top_marks
 
 NAME = "finegrained"
 needs_calibration = True
@@ -95,42 +100,67 @@ def _h_chunks(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, chunk: int 
 
 
 @torch.no_grad()
-def importance(x, gate, up, down, stat: str) -> torch.Tensor:
-    """(T, d_ff) float32 per-token neuron importance."""
-    w = down.float().norm(dim=0) if stat == "weighted" else torch.ones(gate.shape[0])
+def activations(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """(T, d_ff) float32 h = silu(W_gate x) ⊙ (W_up x) for every row of x."""
     out = torch.empty(x.shape[0], gate.shape[0])
     for s, h in _h_chunks(x, gate, up):
-        out[s:s + h.shape[0]] = h.abs() * w
+        out[s:s + h.shape[0]] = h
     return out
 
 
+def neuron_weights(down: torch.Tensor, stat: str) -> torch.Tensor:
+    """(d_ff,) the factor turning |h| into importance: ||W_down[:, i]|| (weighted) or 1 (activation)."""
+    return down.float().norm(dim=0) if stat == "weighted" else torch.ones(down.shape[1])
+
+
 @torch.no_grad()
-def coactivation_embedding(imp: torch.Tensor, q: float, k: int) -> np.ndarray:
-    """Spectral embedding (n, k) of the co-activation graph of the top-q neurons per token."""
-    n = imp.shape[1]
-    top = max(1, int(round(q * n)))
-    A = torch.zeros(n, n, dtype=torch.float64)
-    for s in range(0, imp.shape[0], CHUNK):
-        chunk = imp[s:s + CHUNK]
-        mark = torch.zeros_like(chunk)
-        mark.scatter_(1, torch.topk(chunk, top, dim=1).indices, 1.0)
-        A += (mark.t() @ mark).double()
-    A.fill_diagonal_(0)
-    return spectral_embedding(A, k)
+def importance(x, gate, up, down, stat: str) -> torch.Tensor:
+    """(T, d_ff) float32 per-token neuron importance."""
+    return activations(x, gate, up).abs_().mul_(neuron_weights(down, stat))
+
+
+@torch.no_grad()
+def _mean_importance(h: torch.Tensor, w: torch.Tensor) -> np.ndarray:
+    """Mean over tokens of |h| * w, summed in float64 one chunk of tokens at a time."""
+    total = torch.zeros(h.shape[1], dtype=torch.float64)
+    for s in range(0, h.shape[0], CHUNK):
+        total += (h[s:s + CHUNK].abs() * w).sum(0, dtype=torch.float64)
+    return (total / h.shape[0]).numpy()
+
+
+@torch.no_grad()
+def _importance_marks(h: torch.Tensor, w: torch.Tensor, cols: np.ndarray, q: float):
+    """Chunks of int8 marks: each token's top-q neurons among ``cols`` by importance |h| * w."""
+    idx = torch.as_tensor(cols)
+    top = max(1, int(round(q * len(cols))))
+    wc = w[idx]
+    for s in range(0, h.shape[0], CHUNK):
+        yield top_marks(h[s:s + CHUNK][:, idx].abs_().mul_(wc), top)
 
 
 @torch.no_grad()
 def expert_output_norms(x, gate, up, down, experts: np.ndarray) -> torch.Tensor:
     """(T, E) ||W_down_e h_e|| per token and expert: what the oracle ranks by."""
-    E, m = experts.shape
     ex = torch.as_tensor(experts.reshape(-1))
-    g, u = gate[ex].float(), up[ex].float()
-    dn = down.float()[:, ex].t().reshape(E, m, -1)                    # (E, m, d)
-    out = torch.empty(x.shape[0], E)
-    rows = max(1, min(CHUNK, 2 ** 26 // (E * dn.shape[2])))            # keep the (E, rows, d) block <= 256 MiB
-    for s, h in _h_chunks(x, g, u, rows):
-        y = torch.bmm(h.reshape(h.shape[0], E, m).transpose(0, 1), dn)  # (E, rows, d)
-        out[s:s + h.shape[0]] = y.norm(dim=-1).t()
+    h = activations(x, gate[ex], up[ex])
+    return _norms_from_activations(h, down[:, ex], np.arange(ex.numel()).reshape(experts.shape))
+
+
+@torch.no_grad()
+def _norms_from_activations(h: torch.Tensor, down: torch.Tensor, experts: np.ndarray) -> torch.Tensor:
+    """(T, E) output norms from the activations h (T, n) and down (d, n), ``experts`` (E, m) indexing their
+    columns: ||W_e h_e||^2 = h_e^T (W_e^T W_e) h_e with float64 m x m Gram matrices (clipped at 0 against
+    rounding), one block of tokens at a time."""
+    n_experts, m = experts.shape
+    ex = torch.as_tensor(experts.reshape(-1))
+    w = down[:, ex].double().t().reshape(n_experts, m, -1)              # (E, m, d)
+    gram = torch.bmm(w, w.transpose(1, 2))                               # (E, m, m)
+    out = torch.empty(h.shape[0], n_experts)
+    rows = max(1, min(CHUNK, 2 ** 24 // ex.numel()))                     # (rows, E*m) float64 blocks <= 128 MiB
+    for s in range(0, h.shape[0], rows):
+        he = h[s:s + rows][:, ex].double().reshape(-1, n_experts, m).transpose(0, 1)   # (E, rows, m)
+        sq = (torch.bmm(he, gram) * he).sum(-1)                          # (E, rows)
+        out[s:s + rows] = sq.clamp_min_(0).sqrt_().t().float()
     return out
 
 
@@ -161,40 +191,54 @@ def plan_layer(layer: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Ten
                opts: MethodOptions, stats=None) -> MoEPlan:
     if stats is None:
         raise UserError(f"{NAME} needs calibration data (--calib)")
-    from .moefication import train_mlp_router
     stat = opts.extra.get("stat", "weighted")
     router_kind = opts.extra.get("router", "linear")
-    hidden = int(opts.extra.get("router_hidden", DEFAULT_HIDDEN))
     d_ff = gate.shape[0]
     m = d_ff // opts.experts
     k = opts.routed
     top_k = opts.top_k if opts.top_k is not None else default_top_k(opts)
     x = stats.x.float()
 
-    imp = importance(x, gate, up, down, stat)
-    mean_imp = imp.double().mean(0).numpy()
-    order = np.lexsort((np.arange(d_ff), -mean_imp))
-    shared = np.sort(order[:opts.shared * m])
-    rest = np.sort(order[opts.shared * m:])
-    q = max(MIN_MARK_FRACTION, top_k / k)
-    emb = coactivation_embedding(imp[:, torch.as_tensor(rest)], q, k)
-    del imp
-    experts = groups(balanced_kmeans(emb, k, seed=stats.seed), rest, k)
+    with phase("statistics"):
+        h = activations(x, gate, up)
+        w = neuron_weights(down, stat)
+        mean_imp = _mean_importance(h, w)
+        order = np.lexsort((np.arange(d_ff), -mean_imp))
+        shared = np.sort(order[:opts.shared * m])
+        rest = np.sort(order[opts.shared * m:])
+        q = max(MIN_MARK_FRACTION, top_k / k)
+        counts = coactivation_counts(_importance_marks(h, w, rest, q))
+    with phase("partition"):
+        emb = spectral_embedding(counts, k, seed=stats.seed)
+        del counts
+        experts = groups(balanced_kmeans(emb, k, seed=stats.seed), rest, k)
+    with phase("router"):
+        norms = _norms_from_activations(h, down, experts)
+        del h
+        router, info = _fit_router(x, norms, opts, top_k, stats.seed)
+    info = {"stat": stat, "router": router_kind, "calib_tokens": int(x.shape[0]), "mark_fraction": round(q, 4),
+            **info}
+    return MoEPlan(layer=layer, d_ff=d_ff, experts=experts, top_k=top_k, router=router, shared=shared, info=info)
 
-    norms = expert_output_norms(x, gate, up, down, experts)
-    gen = torch.Generator().manual_seed(stats.seed)
+
+def _fit_router(x, norms, opts, top_k, seed):
+    """The router predicting the experts' output norms (``--router``), and its part of the plan's info: held-out
+    recall@k against the oracle."""
+    from ..moe_torch import router_scores
+    from .moefication import train_mlp_router
+    gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(x.shape[0], generator=gen)
     hold = perm[:max(1, int(round(HELDOUT * x.shape[0])))]
-    info: dict = {"stat": stat, "router": router_kind, "calib_tokens": int(x.shape[0]), "mark_fraction": round(q, 4)}
-    if router_kind == "mlp":
+    info: dict = {}
+    if opts.extra.get("router", "linear") == "mlp":
+        hidden = int(opts.extra.get("router_hidden", DEFAULT_HIDDEN))
         loss = opts.extra.get("router_loss", "mse")
         target = _topk_mask(norms, top_k) if loss == "bce" else log_norm_targets(norms).float()
-        router = Router("mlp", train_mlp_router(x, target, seed=stats.seed, hidden=hidden, loss=loss))
+        router = Router("mlp", train_mlp_router(x, target, seed=seed, hidden=hidden, loss=loss))
         info.update(router_hidden=hidden, router_loss=loss)
     else:
         train = perm[len(hold):]
         router = Router("linear", {"weight": fit_linear_router(x[train], norms[train])})
-    from ..moe_torch import router_scores
     pred = router_scores(router.kind, {n: torch.as_tensor(t) for n, t in router.tensors.items()}, x[hold])
     info["router_recall_at_k_heldout"] = round(recall_at_k(pred, norms[hold], top_k), 4)
-    return MoEPlan(layer=layer, d_ff=d_ff, experts=experts, top_k=top_k, router=router, shared=shared, info=info)
+    return router, info

@@ -7,12 +7,13 @@ expert, the co-activation split and the MLP router need it, and so does the laye
 
 Splits (``--split``):
 * ``param``: balanced k-means (squared L2, k-means++ seeded with ``--seed``) on the L2-normalised gate rows into
-  E - S clusters of exactly d_ff / E neurons (exact balanced assignment with linear_sum_assignment at every step).
+  E - S clusters of exactly d_ff / E neurons (exact balanced assignment at every step: _balanced.py).
 * ``coact``: co-activation graph + spectral partition. A neuron is "active" on a token when it is among the token's
-  top 10% by |h|; edge weight A_ij = number of tokens where i and j are both active (float64 counts). The graph is
-  embedded with the top E - S eigenvectors of D^-1/2 A D^-1/2 (rows normalised, as in Ng-Jordan-Weiss spectral
-  clustering) and cut into E - S exactly equal parts by the same balanced k-means. (Not METIS: the paper's graph
-  partitioner; spectral + exact balancing is the documented substitute.)
+  top 10% by |h|; edge weight A_ij = number of tokens where i and j are both active (exact counts, held in
+  float32: _spectral.py). The graph is embedded with the top E - S eigenvectors of D^-1/2 A D^-1/2 (a partial,
+  seeded eigensolver: linalg.top_eigenvectors; rows normalised, as in Ng-Jordan-Weiss spectral clustering) and cut
+  into E - S exactly equal parts by the same balanced k-means. (Not METIS: the paper's graph partitioner;
+  spectral + exact balancing is the documented substitute.)
 
 Shared expert (``--shared S``): the S * d_ff / E neurons with the largest mean |h| * ||W_down[:, i]|| on the
 calibration tokens, taken out before the split.
@@ -39,8 +40,10 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..plan import MoEPlan, Router
+from ..timing import phase
 from . import MethodOptions, check_common
-from ._balanced import balanced_kmeans, groups, spectral_embedding
+from ._balanced import balanced_kmeans, groups
+from ._spectral import coactivation_counts, spectral_embedding, top_marks
 
 NAME = "moefication"
 needs_calibration = True
@@ -77,19 +80,6 @@ def _abs_h(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
     for s in range(0, x.shape[0], CHUNK):
         xc = x[s:s + CHUNK].float()
         yield (F.silu(xc @ g.t()) * (xc @ u.t())).abs()
-
-
-def _coact_embedding(x, gate, up, idx: np.ndarray, k: int) -> np.ndarray:
-    sub_g, sub_u = gate[torch.as_tensor(idx)], up[torch.as_tensor(idx)]
-    n = len(idx)
-    top = max(1, int(round(COACT_FRACTION * n)))
-    A = torch.zeros(n, n, dtype=torch.float64)
-    for h in _abs_h(x, sub_g, sub_u):
-        act = torch.zeros_like(h)
-        act.scatter_(1, torch.topk(h, top, dim=1).indices, 1.0)
-        A += (act.t() @ act).double()
-    A.fill_diagonal_(0)
-    return spectral_embedding(A, k)
 
 
 def train_mlp_router(x: torch.Tensor, target: torch.Tensor, seed: int = 0, epochs: int = MLP_EPOCHS,
@@ -169,46 +159,63 @@ def plan_layer(layer: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Ten
         raise UserError("moefication needs calibration data (--calib)")
     split = opts.extra.get("split", "param")
     router_kind = opts.extra.get("router", "similarity")
-    d_ff, d = gate.shape
+    d_ff = gate.shape[0]
     m = d_ff // opts.experts
     k = opts.routed
     top_k = opts.top_k if opts.top_k is not None else default_top_k(opts)
     x = stats.x
     info: dict = {"split": split, "router": router_kind, "calib_tokens": int(x.shape[0])}
 
-    if opts.shared:
-        mass = torch.zeros(d_ff, dtype=torch.float64)
-        for h in _abs_h(x, gate, up):
-            mass += h.double().sum(0)
-        imp = (mass / x.shape[0] * down.double().norm(dim=0)).numpy()
-        order = np.lexsort((np.arange(d_ff), -imp))
-        shared = np.sort(order[:opts.shared * m])
-        rest = np.sort(order[opts.shared * m:])
-    else:
-        shared = np.zeros(0, dtype=np.int64)
-        rest = np.arange(d_ff)
-
-    g_norm = F.normalize(gate.double(), dim=1).numpy()
-    if split == "param":
-        labels = balanced_kmeans(g_norm[rest], k, seed=stats.seed)
-    else:
-        labels = balanced_kmeans(_coact_embedding(x, gate, up, rest, k), k, seed=stats.seed)
-    experts = groups(labels, rest, k)
-
-    if router_kind == "similarity":
-        centres = np.stack([g_norm[e].mean(0) for e in experts])
-        router = Router("linear", {"weight": centres})
-    else:
-        target = torch.zeros(x.shape[0], k)
-        ex = torch.as_tensor(experts)
-        sub_g, sub_u = gate[ex.reshape(-1)], up[ex.reshape(-1)]
-        s = 0
-        for h in _abs_h(x, sub_g, sub_u):
-            per = h.reshape(h.shape[0], k, m).sum(2)
-            target[s:s + h.shape[0]] = per / per.sum(1, keepdim=True).clamp_min(1e-12)
-            s += h.shape[0]
-        tensors, hist = train_mlp_router(x, target, seed=stats.seed, return_history=True)
-        router = Router("mlp", tensors)
-        info["router_heldout_bce"] = [round(hist[0], 6), round(min(hist), 6)]
-        info["router_epochs"] = len(hist) - 1
+    with phase("statistics"):
+        shared, rest = _shared_split(x, gate, up, down, opts.shared * m)
+        counts = _coact_counts(x, gate, up, rest) if split == "coact" else None
+    with phase("partition"):
+        g_norm = F.normalize(gate.double(), dim=1).numpy()
+        if split == "param":
+            points = g_norm[rest]
+        else:
+            points = spectral_embedding(counts, k, seed=stats.seed)
+            del counts
+        experts = groups(balanced_kmeans(points, k, seed=stats.seed), rest, k)
+    with phase("router"):
+        if router_kind == "similarity":
+            router = Router("linear", {"weight": np.stack([g_norm[e].mean(0) for e in experts])})
+        else:
+            router = _mlp_router(x, gate, up, experts, stats.seed, info)
     return MoEPlan(layer=layer, d_ff=d_ff, experts=experts, top_k=top_k, router=router, shared=shared, info=info)
+
+
+def _shared_split(x, gate, up, down, n_shared: int) -> tuple[np.ndarray, np.ndarray]:
+    """(shared, rest) sorted neuron indices: the ``n_shared`` largest mean |h| * ||W_down[:, i]|| are shared."""
+    d_ff = gate.shape[0]
+    if not n_shared:
+        return np.zeros(0, dtype=np.int64), np.arange(d_ff)
+    mass = torch.zeros(d_ff, dtype=torch.float64)
+    for h in _abs_h(x, gate, up):
+        mass += h.sum(0, dtype=torch.float64)
+    imp = (mass / x.shape[0] * down.double().norm(dim=0)).numpy()
+    order = np.lexsort((np.arange(d_ff), -imp))
+    return np.sort(order[:n_shared]), np.sort(order[n_shared:])
+
+
+def _coact_counts(x, gate, up, idx: np.ndarray) -> torch.Tensor:
+    """Co-activation counts among the neurons ``idx``: active = among a token's top COACT_FRACTION by |h|."""
+    sub_g, sub_u = gate[torch.as_tensor(idx)], up[torch.as_tensor(idx)]
+    top = max(1, int(round(COACT_FRACTION * len(idx))))
+    return coactivation_counts(top_marks(h, top) for h in _abs_h(x, sub_g, sub_u))
+
+
+def _mlp_router(x, gate, up, experts: np.ndarray, seed: int, info: dict) -> Router:
+    """The trained MLP router: targets are each expert's share of the token's activation mass."""
+    k, m = experts.shape
+    target = torch.zeros(x.shape[0], k)
+    ex = torch.as_tensor(experts.reshape(-1))
+    s = 0
+    for h in _abs_h(x, gate[ex], up[ex]):
+        per = h.reshape(h.shape[0], k, m).sum(2)
+        target[s:s + h.shape[0]] = per / per.sum(1, keepdim=True).clamp_min(1e-12)
+        s += h.shape[0]
+    tensors, hist = train_mlp_router(x, target, seed=seed, return_history=True)
+    info["router_heldout_bce"] = [round(hist[0], 6), round(min(hist), 6)]
+    info["router_epochs"] = len(hist) - 1
+    return Router("mlp", tensors)
