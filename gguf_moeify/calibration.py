@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import UserError
+from .timing import phase, record
 
 WIKITEXT2 = "wikitext2"
 
@@ -181,41 +182,51 @@ def calibrated_plans(ckpt, adapter, method, opts, progress: bool = True, capture
     from .moe_torch import MoEMLP
     if not opts.calib:
         raise UserError("this method needs calibration text: give --calib FILE|FOLDER|wikitext2")
-    ids = calib_tokens(ckpt.path, ckpt.config, opts.calib, opts.calib_samples, opts.calib_seqlen, opts.seed)
-    lm = LayerwiseModel(ckpt, adapter)
-    dtype = ckpt.dtype
-    hidden = lm.embed(ids).to(dtype)                          # (N, L, d)
+    with phase("tokenize"):
+        ids = calib_tokens(ckpt.path, ckpt.config, opts.calib, opts.calib_samples, opts.calib_seqlen, opts.seed)
+    with phase("embed"):
+        lm = LayerwiseModel(ckpt, adapter)
+        dtype = ckpt.dtype
+        hidden = lm.embed(ids).to(dtype)                      # (N, L, d)
+    record(event="setup")
     n, L, d = hidden.shape
+    name = getattr(method, "NAME", "method")
     plans, curves = [], []
-    bar = tqdm(range(ckpt.n_layers), desc=f"calibrating {getattr(method, 'NAME', 'method')}", unit="layer",
-               disable=not progress)
+    bar = tqdm(range(ckpt.n_layers), desc=f"calibrating {name}", unit="layer", disable=not progress)
     for i in bar:
         if capture is not None:
             capture.append(hidden.clone())
-        layer = lm.layer(i)
+        with phase("load"):
+            layer = lm.layer(i)
         pe, pos, mask = lm.rope_and_mask(L, dtype, i)
         resid = torch.empty_like(hidden)
         xs = torch.empty_like(hidden)
-        for s in range(n):
-            resid[s:s + 1], xs[s:s + 1] = attention_part(layer, hidden[s:s + 1], pe, pos, mask)
+        with phase("attention"):
+            for s in range(n):
+                resid[s:s + 1], xs[s:s + 1] = attention_part(layer, hidden[s:s + 1], pe, pos, mask)
         gate, up, down = (layer.get_submodule(a).weight for a in (adapter.mlp_gate, adapter.mlp_up, adapter.mlp_down))
         stats = LayerCalib(x=xs.reshape(-1, d).float(), seed=opts.seed + i)
-        plan = method.plan_layer(i, gate, up, down, opts, stats)
-        if opts.runtime == "stock":  # the next layer calibrates on what stock llama.cpp will compute
-            from .stock import stock_form
-            plan = stock_form(plan, adapter.name, stats.x)
+        with phase("plan"):
+            plan = method.plan_layer(i, gate, up, down, opts, stats)
+            if opts.runtime == "stock":  # the next layer calibrates on what stock llama.cpp will compute
+                from .stock import stock_form
+                plan = stock_form(plan, adapter.name, stats.x)
         plans.append(plan)
-        moe = MoEMLP(plan, gate, up, down)
-        if opts.layer_budget == "sensitivity":
-            rows = sample_rows(n * L, opts.seed + i)
-            x_s, r_s = xs.reshape(-1, d)[rows], resid.reshape(-1, d)[rows]
-            dense_out = (torch.nn.functional.silu(x_s @ gate.t()) * (x_s @ up.t())) @ down.t()
-            curves.append(error_curve(moe, x_s, r_s, dense_out))
-        for s in range(n):
-            hidden[s] = resid[s] + moe(xs[s])
-        del layer, moe, resid, xs, stats
+        with phase("moe_forward"):
+            moe = MoEMLP(plan, gate, up, down)
+            if opts.layer_budget == "sensitivity":
+                rows = sample_rows(n * L, opts.seed + i)
+                x_s, r_s = xs.reshape(-1, d)[rows], resid.reshape(-1, d)[rows]
+                dense_out = (torch.nn.functional.silu(x_s @ gate.t()) * (x_s @ up.t())) @ down.t()
+                curves.append(error_curve(moe, x_s, r_s, dense_out))
+            for s in range(n):
+                hidden[s] = resid[s] + moe(xs[s])
+        d_ff = int(gate.shape[0])
+        del layer, moe, resid, xs, stats, gate, up, down     # before the next layer is read: one layer at a time
+        record(layer=i, method=name, d_ff=d_ff)
     if capture is not None:
         capture.append(hidden.clone())
+    record(event="plans_done")
     if curves:
         # bounded to [k/2, 2k]: the proxy compares layers only roughly (see budget.py)
         uniform = plans[0].top_k
