@@ -18,9 +18,10 @@ CONVERT_ROWS = 1024     # rows converted int32 -> float32 in place at a time
 
 
 def top_marks(scores: torch.Tensor, top: int) -> torch.Tensor:
-    """(rows, n) int8: 1 at each row's ``top`` largest scores (torch.topk's choice on ties)."""
+    """(rows, n) int8: 1 at each row's ``top`` largest scores (torch.topk's choice on ties; unsorted, which is
+    the same set 2-3x faster for the large ``top`` of finegrained's marks)."""
     mark = torch.zeros(scores.shape, dtype=torch.int8)
-    mark.scatter_(1, torch.topk(scores, top, dim=1).indices, 1)
+    mark.scatter_(1, torch.topk(scores, top, dim=1, sorted=False).indices, 1)
     return mark
 
 
