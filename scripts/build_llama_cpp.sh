@@ -157,7 +157,8 @@ else
     step "configure"
     CMAKE_ARGS=(-G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_CURL=OFF
                 -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_COMMIT=$COMMIT -DLLAMA_BUILD_NUMBER=0 -DBUILD_SHARED_LIBS=OFF)
-    if [[ $WITH_CLI == 0 ]]; then CMAKE_ARGS+=(-DLLAMA_BUILD_SERVER=OFF); fi
+    # explicit both ways: CMake keeps the cached value of a build folder configured before without --with-cli
+    if [[ $WITH_CLI == 0 ]]; then CMAKE_ARGS+=(-DLLAMA_BUILD_SERVER=OFF); else CMAKE_ARGS+=(-DLLAMA_BUILD_SERVER=ON); fi
     [[ -n "$NO_AMX_FLAGS" && "$BACKEND" != cuda ]] && CMAKE_ARGS+=(-DCMAKE_C_FLAGS="$NO_AMX_FLAGS" -DCMAKE_CXX_FLAGS="$NO_AMX_FLAGS")
     case "$BACKEND" in
         cpu) ;;
