@@ -35,14 +35,14 @@ def top_eigenvectors(a: torch.Tensor, k: int, seed: int = 0, depth: int = KRYLOV
 
     Randomised block Krylov iteration with Rayleigh-Ritz (Musco & Musco, NeurIPS 2015): a Gaussian block of
     b = k + ``oversample`` columns (seeded), the basis [X, A X, ..., A^q X] made orthonormal block by block
-    (classical Gram-Schmidt against the whole basis, twice, normalising in between; float32), and the top k eigenpairs of the projected
-    matrix (float64, only those k computed). Cost: q + 1 products of A with an (n, b) block plus O(n (q b)^2) for
-    the basis, instead of a full eigendecomposition's O(n^3); Rayleigh-Ritz ranks eigenvalues algebraically
+    (classical Gram-Schmidt against the whole basis, twice, normalising in between; float32), and the top k
+    eigenpairs of the projected matrix (float64). Cost: q + 1 products of A with an (n, b) block plus
+    O(n (q b)^2) for the basis and O((q b)^3) for the projected problem, instead of a full eigendecomposition's
+    O(n^3) (n = 11936, k = 373: 22 s of one core instead of minutes); Rayleigh-Ritz ranks eigenvalues algebraically
     (negative ones of large magnitude do not take the wanted ones' place, as in plain subspace iteration). On
     SmolLM2's co-activation graphs q = 6 gives the top-k subspace within sin 0.003-0.016 of eigh's (largest
     principal angle; q = 8: 6e-4). When the basis would span a large part of the space a dense ``eigh`` is
     cheaper and exact, and is used instead."""
-    from scipy.linalg import eigh
     n = a.shape[0]
     b = min(n, k + oversample)
     width = b * (depth + 1)
@@ -65,9 +65,8 @@ def top_eigenvectors(a: torch.Tensor, k: int, seed: int = 0, depth: int = KRYLOV
             z -= done @ (done.t() @ z)
             z = torch.linalg.qr(z)[0]
         basis[:, (j + 1) * b:(j + 2) * b] = z
-    proj = (basis.t() @ products).double().numpy()
+    proj = (basis.t() @ products).double()
     del products
-    vals, vecs = eigh((proj + proj.T) / 2, subset_by_index=[width - k, width - 1], driver="evr")
-    order = np.argsort(-vals, kind="stable")
-    vecs = torch.from_numpy(np.ascontiguousarray(vecs[:, order])).to(a.dtype)
-    return vals[order], (basis @ vecs).double().numpy()
+    vals, vecs = torch.linalg.eigh((proj + proj.t()) / 2)          # ascending
+    vals, vecs = vals.flip(0)[:k], vecs.flip(1)[:, :k].to(a.dtype)
+    return vals.numpy(), (basis @ vecs).double().numpy()

@@ -3,9 +3,9 @@
 Off (a no-op) unless ``GGUF_MOEIFY_TIMING`` is set: to a file path, one JSON line per ``record`` call is appended
 (the phases timed since the previous call: wall seconds, and the process's CPU seconds under NAME_cpu, which
 other processes' load on a shared machine inflates less; plus the caller's fields, the wall clock and the
-process's peak RSS so far); to ``stderr``, the same lines go to stderr. The calibration pipeline records one line per layer
-with its phases (load, attention, plan, moe_forward); a method's own phases (statistics, partition, router) are
-timed inside "plan".
+process's peak RSS so far); to ``stderr``, the same lines go to stderr. The calibration pipeline records one
+line per layer with its phases (load, attention, plan, moe_forward); a method's own phases (statistics,
+partition, router) are timed inside "plan".
 """
 from __future__ import annotations
 

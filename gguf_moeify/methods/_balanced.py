@@ -129,14 +129,7 @@ def balanced_kmeans(points: np.ndarray, k: int, seed: int = 0, iters: int = 8) -
     n = pts.shape[0]
     rng = np.random.default_rng(seed)
     sq = (pts ** 2).sum(1)
-    centres = [pts[rng.integers(n)]]
-    d2 = np.maximum(sq - 2 * pts @ centres[0] + centres[0] @ centres[0], 0)
-    for _ in range(1, k):
-        p = d2 / d2.sum() if d2.sum() > 0 else np.full(n, 1 / n)
-        c = pts[rng.choice(n, p=p)]
-        centres.append(c)
-        d2 = np.minimum(d2, np.maximum(sq - 2 * pts @ c + c @ c, 0))
-    centres = np.stack(centres)
+    centres = pts[_kmeans_pp(pts.astype(np.float32), k, rng)]
     labels, prices = None, None
     for _ in range(iters):
         cost = sq[:, None] - 2 * pts @ centres.T + (centres ** 2).sum(1)[None, :]
@@ -146,6 +139,22 @@ def balanced_kmeans(points: np.ndarray, k: int, seed: int = 0, iters: int = 8) -
         labels = new
         centres = _cluster_means(pts, labels, k)
     return labels
+
+
+def _kmeans_pp(pts: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of k seeds drawn by k-means++ (each with probability proportional to its squared distance to the
+    nearest seed so far). float32 points: one pass over them per seed, which is what it costs at n = 14336."""
+    n = pts.shape[0]
+    sq = (pts ** 2).sum(1, dtype=np.float64)
+    first = int(rng.integers(n))
+    seeds = [first]
+    d2 = np.maximum(sq - 2 * (pts @ pts[first]) + sq[first], 0)
+    for _ in range(1, k):
+        total = d2.sum()
+        s = int(rng.choice(n, p=d2 / total)) if total > 0 else int(rng.integers(n))
+        seeds.append(s)
+        d2 = np.minimum(d2, np.maximum(sq - 2 * (pts @ pts[s]) + sq[s], 0))
+    return np.array(seeds)
 
 
 def _cluster_means(pts: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
