@@ -51,7 +51,8 @@ def test_routing_selects_top_k_by_score():
         neurons = np.concatenate([np.arange(8)] + [experts[e] for e in chosen[t].tolist()])
         n = torch.as_tensor(neurons)
         want = down[:, n] @ (torch.nn.functional.silu(gate[n] @ x[t]) * (up[n] @ x[t]))
-        assert torch.allclose(moe(x[t:t + 1])[0], want, rtol=1e-5, atol=1e-5)
+        # float32 rounding scales with the output's magnitude (~100 here): summation order differs by CPU
+        assert torch.allclose(moe(x[t:t + 1])[0], want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("variant", ["fractal-fade", "compensated-pruning"])
