@@ -1,5 +1,6 @@
-"""The bounded-memory forms of the planning statistics give what the direct forms give: expert output norms from
-m x m Gram matrices, the chunked ridge normal equations, and the phase timer (a no-op unless asked for)."""
+"""The cheaper forms used at scale give what the direct forms give: expert output norms from m x m Gram matrices,
+the chunked ridge normal equations, the masked dense propagation of narrow experts; and the phase timer (a no-op
+unless asked for)."""
 from __future__ import annotations
 
 import json
@@ -51,3 +52,21 @@ def test_phase_timer_records_only_when_asked(tmp_path, monkeypatch):
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["layer"] for x in lines] == [0, 1]
     assert all(x["plan"] >= x["statistics"] >= 0 and "plan_cpu" in x and x["max_rss_mib"] > 0 for x in lines)
+
+
+def test_masked_dense_propagation_equals_the_moe_forward():
+    """calibration.moe_forward's dense form for narrow experts gives MoEMLP's output (chosen experts + shared)."""
+    from gguf_moeify.calibration import LayerCalib, moe_forward
+    from gguf_moeify.methods import MethodOptions
+    from gguf_moeify.methods.finegrained import plan_layer
+    from gguf_moeify.moe_torch import MoEMLP
+    g = torch.Generator().manual_seed(2)
+    d, d_ff = 16, 128
+    gate, up = torch.randn(d_ff, d, generator=g), torch.randn(d_ff, d, generator=g)
+    down, x = torch.randn(d, d_ff, generator=g), torch.randn(400, d, generator=g)
+    plan = plan_layer(0, gate, up, down, MethodOptions(experts=16, shared=3, top_k=5), LayerCalib(x=x))
+    moe = MoEMLP(plan, gate, up, down)
+    forward = moe_forward(moe)
+    assert forward is not moe                                   # 8-neuron experts: the dense form
+    ref = moe(x)
+    assert torch.allclose(forward(x), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
