@@ -178,49 +178,6 @@ def _dur(s: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-# ---------------------------------------------------------------- llama-bench with peak memory
-_RSS_HELPER = """import os, sys
-pid = os.fork()
-if pid == 0:
-    os.execv(sys.argv[2], sys.argv[2:])
-_, status, usage = os.wait4(pid, 0)
-with open(sys.argv[1], "w") as f:
-    f.write(str(usage.ru_maxrss))
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
-
-
-def run_llama_bench(tools, model: Path, n_prompt: int, n_gen: int, threads: int, reps: int) -> dict:
-    """llama-bench (``-o json``) and its peak RSS (max resident set of the llama-bench process, KiB from wait4)."""
-    cmd = [str(tools.tool("llama-bench")), "-m", str(model), "-p", str(n_prompt), "-n", str(n_gen),
-           "-t", str(threads), "-r", str(reps), "-ngl", "0", "-o", "json"]
-    with tempfile.TemporaryFile("w+b") as out, tempfile.TemporaryFile("w+b") as err, \
-            tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
-        # a child forked from this (large) Python process would carry its RSS high-water mark through exec;
-        # a minimal interpreter forks llama-bench instead and reports the child's own max RSS (os.wait4)
-        proc = subprocess.run([sys.executable, "-S", "-c", _RSS_HELPER, rss.name] + cmd, stdin=subprocess.DEVNULL,
-                              stdout=out, stderr=err)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace")
-        rss_kib = float(rss.read().strip() or "nan")
-    if proc.returncode != 0:
-        tail = "\n".join((stderr or stdout).strip().splitlines()[-10:])
-        raise UserError(f"llama-bench failed (exit code {proc.returncode}): {' '.join(cmd)}\n{tail}")
-    start = stdout.find("[")
-    try:
-        tests = json.loads(stdout[start:])
-    except (json.JSONDecodeError, ValueError) as e:
-        raise UserError(f"llama-bench printed no JSON: {' '.join(cmd)}") from e
-    res = {"peak_rss_mib": rss_kib / 1024.0}  # Linux: KiB
-    for t in tests:
-        key = "pp" if t.get("n_gen", 0) == 0 else "tg"
-        res[f"{key}_ts"] = float(t["avg_ts"])
-        res[f"{key}_ts_std"] = float(t["stddev_ts"])
-        res[f"{key}_samples"] = [float(x) for x in t.get("samples_ts", [])]
-    return res
-
-
 # ---------------------------------------------------------------- dense reference files
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".recipe.json")
@@ -615,7 +572,7 @@ def main(argv: list[str]) -> int:
                 prog.step(0, row["label"],
                           f"speed round {rnd + 1}/{args.reps}: llama-bench pp{args.n_prompt} tg{args.n_gen}, "
                           f"{threads} threads")
-                b = run_llama_bench(tools, Path(row["file"]), args.n_prompt, args.n_gen, threads, 1)
+                b = tools.bench(Path(row["file"]), args.n_prompt, args.n_gen, threads, 1)
                 prog.finish_model()
                 samples[j]["pp"].append(b["pp_ts"])
                 samples[j]["tg"].append(b["tg_ts"])

@@ -7,8 +7,8 @@ one of them (``GGUF_MOEIFY_LLAMA_BIN`` / ``GGUF_MOEIFY_LLAMA_STOCK_BIN`` overrid
 
 - ``perplexity`` (llama-perplexity): running per-chunk estimates, the final estimate, and optionally the logits
   saved for a later KL-divergence run; ``kl_divergence`` compares a model with such saved logits.
-- ``bench`` (llama-bench ``-o json``), ``quantize`` (llama-quantize), ``completion`` (llama-completion, greedy,
-  non-interactive).
+- ``bench`` (llama-bench ``-o json``: tokens/s of prompt processing and decoding, and the peak memory of the
+  llama-bench process), ``quantize`` (llama-quantize), ``completion`` (llama-completion, greedy, non-interactive).
 
 No torch here: this module is used by the CLI's evaluation and by the runtime tests.
 """
@@ -19,6 +19,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +118,22 @@ def _tail(text: str, n: int = 15) -> str:
     return "\n".join(lines[-n:])
 
 
+# A child forked from this (large) Python process would carry its RSS high-water mark through exec; this minimal
+# interpreter forks the tool instead, waits for it and writes the tool's own max RSS (KiB, from wait4) to argv[1].
+# SIGTERM (a timeout) is passed on to the tool as SIGKILL.
+_RSS_HELPER = """import os, signal, sys
+pid = 0
+signal.signal(signal.SIGTERM, lambda *_: pid and os.kill(pid, signal.SIGKILL))
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def _default_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -144,22 +161,37 @@ class LlamaCppTools:
 
     def run(self, name: str, args: Sequence[str | os.PathLike]) -> subprocess.CompletedProcess:
         """Run a tool; on failure raise UserError with the last lines of its stderr."""
+        return self._run(name, args)[0]
+
+    def _run(self, name: str, args: Sequence[str | os.PathLike],
+             peak_rss: bool = False) -> tuple[subprocess.CompletedProcess, float | None]:
+        """``run``, and with ``peak_rss`` the tool's peak resident memory in MiB (Linux: max RSS of its process)."""
         cmd = [str(self.tool(name))] + [str(a) for a in args]
         # stdout/stderr go to files, not pipes: an unpatched llama.cpp loses more of its async log on pipes
-        with tempfile.TemporaryFile("w+b") as out, tempfile.TemporaryFile("w+b") as err:
+        with tempfile.TemporaryFile("w+b") as out, tempfile.TemporaryFile("w+b") as err, \
+                tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
+            launch = [sys.executable, "-S", "-c", _RSS_HELPER, rss.name] + cmd if peak_rss else cmd
+            child = subprocess.Popen(launch, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
             try:
-                rc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    timeout=self.timeout).returncode
-            except subprocess.TimeoutExpired as e:
-                raise UserError(f"{name} did not finish within {self.timeout} s: {' '.join(cmd)}") from e
+                rc = child.wait(timeout=self.timeout)
+            except BaseException as e:   # the timeout, Ctrl-C, SIGTERM: the tool ends too
+                if peak_rss:
+                    child.terminate()    # the helper kills the tool
+                else:
+                    child.kill()
+                child.wait()
+                if isinstance(e, subprocess.TimeoutExpired):
+                    raise UserError(f"{name} did not finish within {self.timeout} s: {' '.join(cmd)}") from e
+                raise
             out.seek(0)
             err.seek(0)
             proc = subprocess.CompletedProcess(cmd, rc, out.read().decode("utf-8", "replace"),
                                                err.read().decode("utf-8", "replace"))
+            rss_mib = float(rss.read().strip() or "nan") / 1024.0 if peak_rss else None   # ru_maxrss: KiB
         if proc.returncode != 0:
             raise UserError(f"{name} failed (exit code {proc.returncode}): {' '.join(cmd)}\n"
                             + _tail(proc.stderr or proc.stdout))
-        return proc
+        return proc, rss_mib
 
     # ---- llama-perplexity
     def _ppl_args(self, model, ctx, chunks, threads, batch) -> list[str]:
@@ -210,17 +242,27 @@ class LlamaCppTools:
 
     # ---- llama-bench
     def bench(self, model, n_prompt: int = 512, n_gen: int = 128, threads: int | None = None, reps: int = 5,
-              extra: Sequence[str] = ()) -> list[dict]:
-        """llama-bench results (its ``-o json`` list: one entry per test, with avg_ts / stddev_ts tokens/s)."""
+              extra: Sequence[str] = ()) -> dict:
+        """llama-bench (``-o json``) on ``model``: ``pp_ts`` / ``tg_ts`` (mean tokens/s of prompt processing and
+        of decoding; a test with 0 tokens is left out), ``*_ts_std``, ``*_samples`` (tokens/s of each repetition),
+        ``peak_rss_mib`` (max resident set of the llama-bench process: mmapped weights count once resident) and
+        ``tests`` (llama-bench's JSON list, one entry per test)."""
         args = ["-m", str(model), "-p", str(n_prompt), "-n", str(n_gen), "-t", str(threads or _default_threads()),
                 "-r", str(reps), "-ngl", "0", "-o", "json"]
-        proc = self.run("llama-bench", args + list(extra))
+        proc, rss_mib = self._run("llama-bench", args + list(extra), peak_rss=True)
         start = proc.stdout.find("[")
         try:
-            return json.loads(proc.stdout[start:] if start >= 0 else proc.stdout)
+            tests = json.loads(proc.stdout[start:] if start >= 0 else proc.stdout)
         except json.JSONDecodeError as e:
             raise UserError("llama-bench printed no JSON; its output ends with:\n"
                             + _tail(proc.stdout + proc.stderr)) from e
+        res = {"peak_rss_mib": rss_mib, "tests": tests}
+        for t in tests:
+            key = "pp" if t.get("n_gen", 0) == 0 else "tg"
+            res[f"{key}_ts"] = float(t["avg_ts"])
+            res[f"{key}_ts_std"] = float(t["stddev_ts"])
+            res[f"{key}_samples"] = [float(x) for x in t.get("samples_ts", [])]
+        return res
 
     # ---- llama-quantize
     def quantize(self, src, dst, qtype: str, threads: int | None = None, extra: Sequence[str] = ()) -> Path:

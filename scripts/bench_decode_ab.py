@@ -21,7 +21,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gguf_moeify.bench import run_llama_bench  # noqa: E402
 from gguf_moeify.errors import UserError  # noqa: E402
 from gguf_moeify.llama_cpp import LlamaCppTools  # noqa: E402
 
@@ -41,7 +40,7 @@ def parse_entry(text: str) -> tuple[str, LlamaCppTools, Path]:
 
 def decode_tps(tools: LlamaCppTools, model: Path, n_gen: int, threads: int) -> float:
     try:
-        return run_llama_bench(tools, model, 0, n_gen, threads, 1)["tg_ts"]
+        return tools.bench(model, 0, n_gen, threads, 1)["tg_ts"]
     except UserError as e:
         sys.exit(f"bench_decode_ab: {e}")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gguf_moeify.bench import SYN_OUTTYPES as SYN_TYPES, Config, run_llama_bench, synthetic_file  # noqa: E402
+from gguf_moeify.bench import SYN_OUTTYPES as SYN_TYPES, Config, synthetic_file  # noqa: E402
 from gguf_moeify.errors import UserError  # noqa: E402
 from gguf_moeify.llama_cpp import LlamaCppTools  # noqa: E402
 from gguf_moeify.synthetic import SHAPES  # noqa: E402
@@ -97,7 +97,7 @@ def main(argv: list[str]) -> int:
     for rnd in range(a.rounds):
         for bname, tools in builds.items():
             for c in configs:
-                r = run_llama_bench(tools, files[(c.slug, c.outtype)], a.n_prompt, a.n_gen, a.threads, 1)
+                r = tools.bench(files[(c.slug, c.outtype)], a.n_prompt, a.n_gen, a.threads, 1)
                 runs.setdefault((bname, c.slug, c.outtype), []).append(r)
                 print(f"round {rnd + 1}/{a.rounds} {bname} {c.label}: pp {r['pp_ts']:.1f} tg {r['tg_ts']:.2f} t/s",
                       flush=True)

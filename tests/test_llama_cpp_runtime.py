@@ -464,4 +464,9 @@ def test_quantize_and_bench(patched, text_file, tmp_path):
     r = ppl(patched, dst, text_file)
     assert math.isfinite(r.final_ppl)
     bench = patched.bench(dst, n_prompt=16, n_gen=4, threads=2, reps=1)
-    assert isinstance(bench, list) and bench and all(b.get("avg_ts", 0) > 0 for b in bench)
+    assert [t["n_gen"] for t in bench["tests"]] == [0, 4] and all(t["avg_ts"] > 0 for t in bench["tests"])
+    assert bench["pp_ts"] == bench["tests"][0]["avg_ts"] and bench["tg_ts"] == bench["tests"][1]["avg_ts"]
+    # peak RSS of llama-bench itself (this Python process's own is not carried over): above the file, far below us
+    import resource
+    own_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    assert dst.stat().st_size / 2**20 < bench["peak_rss_mib"] < own_mib, (bench["peak_rss_mib"], own_mib)
