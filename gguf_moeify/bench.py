@@ -527,7 +527,7 @@ def main(argv: list[str]) -> int:
             if base.n_chunks < args.chunks:
                 raise UserError(f"{args.text} holds only {base.n_chunks} windows of {args.ctx} tokens; "
                                 f"lower --chunks or --ctx")
-            protocol["kld_base"] = {"outtype": args.kld_base, "file": str(base_path), "ppl": base.final_ppl}
+            protocol["kld_base"] = {"outtype": args.kld_base, "file": str(base_path), "ppl": base.ppl}
             if args.kld_base not in outtypes:
                 prog.finish_model()
         for c in models:

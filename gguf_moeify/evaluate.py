@@ -4,29 +4,18 @@ Protocol: the whole text is tokenized once (BOS first when the vocabulary adds o
 non-overlapping windows of ``ctx`` tokens (a trailing partial window is dropped, at most ``chunks`` windows); when
 the vocabulary adds BOS, each window's first token is replaced by BOS; in each window only the second half is
 scored: the logits at positions ctx/2 .. ctx-2 predict the tokens at ctx/2+1 .. ctx-1. PPL = exp(mean NLL).
+The result is llama_cpp's ``PerplexityResult``, the type llama-perplexity's figures are parsed into.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from .errors import UserError
-
-
-@dataclass
-class PerplexityResult:
-    ppl: float
-    nll_sum: float
-    n_scored: int
-    n_chunks: int
-    ctx: int
-
-    def as_dict(self) -> dict:
-        return {"ppl": self.ppl, "n_scored": self.n_scored, "n_chunks": self.n_chunks, "ctx": self.ctx}
+from .llama_cpp import PerplexityResult
 
 
 def read_text(path: str | Path) -> str:
@@ -68,4 +57,4 @@ def perplexity(model, tokens: list[int], ctx: int = 512, chunks: int | None = No
         logits = model(ids)[0, first:ctx - 1].double()
         nll += torch.nn.functional.cross_entropy(logits, ids[0, first + 1:ctx], reduction="sum").item()
         count += ctx - 1 - first
-    return PerplexityResult(math.exp(nll / count), nll, count, len(wins), ctx)
+    return PerplexityResult(ppl=math.exp(nll / count), n_chunks=len(wins), nll_sum=nll, n_scored=count, ctx=ctx)

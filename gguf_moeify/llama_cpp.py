@@ -10,6 +10,9 @@ one of them (``GGUF_MOEIFY_LLAMA_BIN`` / ``GGUF_MOEIFY_LLAMA_STOCK_BIN`` overrid
 - ``bench`` (llama-bench ``-o json``: tokens/s of prompt processing and decoding, and the peak memory of the
   llama-bench process), ``quantize`` (llama-quantize), ``completion`` (llama-completion, greedy, non-interactive).
 
+``PerplexityResult`` is also what the torch reference (``evaluate.perplexity``) returns, so the figures of both
+compare field by field.
+
 No torch here: this module is used by the CLI's evaluation and by the runtime tests.
 """
 from __future__ import annotations
@@ -49,13 +52,21 @@ _PPL_BASE_RE = re.compile(r"Mean PPL\(base\)\s*:\s*(" + _NUM + r")\s*±\s*(" + _
 
 @dataclass
 class PerplexityResult:
-    """What llama-perplexity printed. ``chunk_ppls[i]`` is the running estimate after chunk i+1 (as printed
-    ``[i+1]x.xxxx``), so ``chunk_ppls[-1]`` equals the final estimate up to the 4 printed decimals."""
-    final_ppl: float
-    chunk_ppls: list[float]
+    """A perplexity under llama-perplexity's protocol: what llama-perplexity printed (``parse_perplexity_output``)
+    or what the torch reference computed (``evaluate.perplexity``). ``chunk_ppls[i]`` is llama-perplexity's running
+    estimate after chunk i+1 (as printed ``[i+1]x.xxxx``), so ``chunk_ppls[-1]`` equals ``ppl`` up to the 4 printed
+    decimals."""
+    ppl: float
     n_chunks: int
-    raw_output: str
-    final_ppl_err: float | None = None  # "+/- y" of the final estimate, when that line was printed
+    ppl_err: float | None = None   # llama-perplexity: "+/- y" of the final estimate, when that line was printed
+    chunk_ppls: list[float] = field(default_factory=list)   # llama-perplexity's running estimates
+    raw_output: str = ""           # llama-perplexity's stdout + stderr
+    nll_sum: float | None = None   # torch reference: summed negative log-likelihood of the scored tokens
+    n_scored: int | None = None    # torch reference: tokens scored
+    ctx: int | None = None         # torch reference: window length
+
+    def as_dict(self) -> dict:
+        return {"ppl": self.ppl, "n_scored": self.n_scored, "n_chunks": self.n_chunks, "ctx": self.ctx}
 
 
 @dataclass
@@ -89,8 +100,8 @@ def parse_perplexity_output(stdout: str, stderr: str = "") -> PerplexityResult:
     else:
         raise UserError("llama-perplexity printed no perplexity values; its output ends with:\n"
                         + _tail(stdout + "\n" + stderr))
-    return PerplexityResult(final_ppl=final_ppl, chunk_ppls=chunk_ppls, n_chunks=len(chunk_ppls),
-                            raw_output=stdout + stderr, final_ppl_err=final_err)
+    return PerplexityResult(ppl=final_ppl, n_chunks=len(chunk_ppls), ppl_err=final_err, chunk_ppls=chunk_ppls,
+                            raw_output=stdout + stderr)
 
 
 def parse_kl_divergence_output(stdout: str, stderr: str = "") -> KLDivergenceResult:

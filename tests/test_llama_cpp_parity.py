@@ -70,7 +70,7 @@ def test_all_experts_active_equals_dense_in_llama_cpp(tools, tiny_models, text_f
         _write(tiny_models[arch], lambda c, a: make_plans(c, a, "mlpmoe", opts, progress=False), out)
         moe = tools.perplexity(out, text_file, ctx=CTX, chunks=CHUNKS, threads=2)
         assert moe.n_chunks == dense.n_chunks == CHUNKS
-        assert relative_difference(moe.final_ppl, dense.final_ppl) < 1e-4, (arch, experts, shared)
+        assert relative_difference(moe.ppl, dense.ppl) < 1e-4, (arch, experts, shared)
         for a, b in zip(moe.chunk_ppls, dense.chunk_ppls):
             assert relative_difference(a, b) < 1e-4
 
@@ -87,7 +87,7 @@ def test_llama3_rope_scaling_equals_dense_in_llama_cpp(tools, smollm2_dir, text_
     out = tmp_path / "moe.gguf"
     _write(model, lambda c, a: make_plans(c, a, "mlpmoe", MethodOptions(experts=4), progress=False), out)
     moe = tools.perplexity(out, text_file, ctx=CTX, chunks=CHUNKS, threads=2)
-    assert relative_difference(moe.final_ppl, dense.final_ppl) < 1e-4, (moe.final_ppl, dense.final_ppl)
+    assert relative_difference(moe.ppl, dense.ppl) < 1e-4, (moe.ppl, dense.ppl)
 
 
 def _routed_plans(kind: str, top_k: int, experts: int = 8, shared: int = 1):
@@ -136,12 +136,12 @@ def test_routed_parity_with_torch_reference(tools, tiny_models, text_file, tmp_p
     out = tmp_path / "moe.gguf"
     ckpt, adapter, plans = _write(tiny_models[arch], _routed_plans(kind, top_k=3), out)
     ref, cpp = _torch_and_llama_cpp(tools, out, ckpt, adapter, plans, text_file, tmp_path)
-    assert relative_difference(ref.ppl, cpp.final_ppl) < 1e-3, (ref.ppl, cpp.final_ppl)
+    assert relative_difference(ref.ppl, cpp.ppl) < 1e-3, (ref.ppl, cpp.ppl)
     # and the agreement is far tighter than what routing changes: all 7 routed experts active differs 10x more
     full = tools.perplexity(out, text_file, ctx=CTX, chunks=CHUNKS, threads=2,
                             extra=F32_KV + ["--override-kv", f"{adapter.gguf_arch}.expert_used_count=int:7"])
-    print(f"{arch} {kind}: torch {ref.ppl:.6f} llama.cpp {cpp.final_ppl:.6f} all-experts {full.final_ppl:.6f}")
-    assert abs(ref.ppl - cpp.final_ppl) < 0.1 * abs(full.final_ppl - cpp.final_ppl)
+    print(f"{arch} {kind}: torch {ref.ppl:.6f} llama.cpp {cpp.ppl:.6f} all-experts {full.ppl:.6f}")
+    assert abs(ref.ppl - cpp.ppl) < 0.1 * abs(full.ppl - cpp.ppl)
 
 
 @pytest.mark.parametrize("kind", ["linear", "cmoe", "mlp"])
@@ -172,11 +172,11 @@ def test_f16_router_parity_with_torch_reference(tools, tiny_models, text_file, t
     T = gguf.GGMLQuantizationType
     assert types and all(t == (T.F32 if n.endswith(".bias") else T.F16) for n, t in types.items()), types
     ref, cpp = _torch_and_llama_cpp(tools, out, ckpt, adapter, plans, text_file, tmp_path)
-    assert relative_difference(ref.ppl, cpp.final_ppl) < 1e-3, (ref.ppl, cpp.final_ppl)
+    assert relative_difference(ref.ppl, cpp.ppl) < 1e-3, (ref.ppl, cpp.ppl)
     if kind == "linear":
         ref32, _ = _torch_and_llama_cpp(tools, out, ckpt, adapter, unrounded, text_file, tmp_path)
-        print(f"f16 router: torch {ref.ppl:.6f} llama.cpp {cpp.final_ppl:.6f} torch, f32 router {ref32.ppl:.6f}")
-        assert abs(ref.ppl - cpp.final_ppl) < 0.1 * abs(ref32.ppl - cpp.final_ppl)
+        print(f"f16 router: torch {ref.ppl:.6f} llama.cpp {cpp.ppl:.6f} torch, f32 router {ref32.ppl:.6f}")
+        assert abs(ref.ppl - cpp.ppl) < 0.1 * abs(ref32.ppl - cpp.ppl)
 
 
 @pytest.fixture(scope="module")
@@ -197,8 +197,8 @@ def test_real_model_in_llama_cpp(tools, smollm2_dir, smollm2_moe_f32, tmp_path):
     _, tokens = read_saved_tokens(saved)
     model, _ = load_dense(Checkpoint(smollm2_dir))
     dense = perplexity(logits_fn(model), tokens, 512, 4, None)
-    print(f"SmolLM2 dense torch {dense.ppl:.4f}  mlpmoe E=8 llama.cpp {cpp.final_ppl:.4f}")
-    assert relative_difference(dense.ppl, cpp.final_ppl) < 1e-3
+    print(f"SmolLM2 dense torch {dense.ppl:.4f}  mlpmoe E=8 llama.cpp {cpp.ppl:.4f}")
+    assert relative_difference(dense.ppl, cpp.ppl) < 1e-3
     answer = tools.completion(smollm2_moe_f32, "The capital of France is", n_predict=8, seed=0, temp=0.0)
     assert "Paris" in answer
 
@@ -222,12 +222,12 @@ def test_per_layer_budget_parity_with_torch_reference(tools, tiny_models, text_f
     n_shared = fields["gguf_moeify.always_selected_experts"].contents()   # the shared expert, chosen in every layer
     assert fields[f"{adapter.gguf_arch}.expert_used_count"].contents() == [k + n_shared for k in ks]
     ref, cpp = _torch_and_llama_cpp(tools, out, ckpt, adapter, plans, text_file, tmp_path)
-    assert relative_difference(ref.ppl, cpp.final_ppl) < 1e-3, (ref.ppl, cpp.final_ppl)
+    assert relative_difference(ref.ppl, cpp.ppl) < 1e-3, (ref.ppl, cpp.ppl)
     # layer 0's count everywhere (what an unpatched graph would compute) is a different function
     out0 = tmp_path / "moe-uniform.gguf"
     _write(tiny_models[arch], uniform, out0)
     first = tools.perplexity(out0, text_file, ctx=CTX, chunks=CHUNKS, threads=2, extra=F32_KV)
-    assert abs(ref.ppl - cpp.final_ppl) < 0.1 * abs(first.final_ppl - cpp.final_ppl)
+    assert abs(ref.ppl - cpp.ppl) < 0.1 * abs(first.ppl - cpp.ppl)
 
 
 def test_many_experts_used_fit_the_graph_and_match_torch(tools, tiny_models, text_file, tmp_path):
@@ -238,7 +238,7 @@ def test_many_experts_used_fit_the_graph_and_match_torch(tools, tiny_models, tex
     ckpt, adapter, plans = _write(tiny_models["llama"], _routed_plans("linear", top_k=250, experts=256, shared=0),
                                   out)
     ref, cpp = _torch_and_llama_cpp(tools, out, ckpt, adapter, plans, text_file, tmp_path)
-    assert relative_difference(ref.ppl, cpp.final_ppl) < 1e-3, (ref.ppl, cpp.final_ppl)
+    assert relative_difference(ref.ppl, cpp.ppl) < 1e-3, (ref.ppl, cpp.ppl)
 
 
 def dense_perplexity_of_continuation(model, tok, prompt: str, continuation: str) -> float:

@@ -359,16 +359,16 @@ def test_stock_files_identical_on_patched_and_stock(kind, patched, stock, text_f
     b = ppl(stock, path, text_file)
     assert a.n_chunks == b.n_chunks == CHUNKS
     assert a.chunk_ppls == b.chunk_ppls
-    assert a.final_ppl == b.final_ppl
-    assert math.isfinite(a.final_ppl) and a.final_ppl > 1
+    assert a.ppl == b.ppl
+    assert math.isfinite(a.ppl) and a.ppl > 1
 
 
 def test_perplexity_final_estimate_is_printed(patched, text_file, tmp_path):
     """Patch 0004: the "Final estimate" line is flushed before exit."""
     path = write_gguf(random_model(seed=4), tmp_path / "dense.gguf")
     r = ppl(patched, path, text_file)
-    assert r.final_ppl_err is not None
-    assert abs(r.final_ppl - r.chunk_ppls[-1]) <= 1e-4 * r.final_ppl + 1e-4
+    assert r.ppl_err is not None
+    assert abs(r.ppl - r.chunk_ppls[-1]) <= 1e-4 * r.ppl + 1e-4
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -382,7 +382,7 @@ def test_unit_weights_all_experts_equal_dense(arch, router_type, patched, text_f
     moe = split_dense(dense, n_shared=32, n_expert=4, n_used=4, router_type=router_type, weights_unit=True)
     p_dense = ppl(patched, write_gguf(dense, tmp_path / "dense.gguf"), text_file)
     p_moe = ppl(patched, write_gguf(moe, tmp_path / "moe.gguf"), text_file)
-    assert relative_difference(p_dense.final_ppl, p_moe.final_ppl) < 1e-4, (p_dense.final_ppl, p_moe.final_ppl)
+    assert relative_difference(p_dense.ppl, p_moe.ppl) < 1e-4, (p_dense.ppl, p_moe.ppl)
     for a, b in zip(p_dense.chunk_ppls, p_moe.chunk_ppls):
         assert relative_difference(a, b) < 1e-4
 
@@ -393,7 +393,7 @@ def test_unit_weights_key_absent_is_stock_softmax(patched, text_file, tmp_path):
     moe = split_dense(dense, n_shared=32, n_expert=4, n_used=4, router_type=None, weights_unit=None)
     p_dense = ppl(patched, write_gguf(dense, tmp_path / "dense.gguf"), text_file)
     p_moe = ppl(patched, write_gguf(moe, tmp_path / "moe.gguf"), text_file)
-    assert relative_difference(p_dense.final_ppl, p_moe.final_ppl) > 1e-3
+    assert relative_difference(p_dense.ppl, p_moe.ppl) > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -411,13 +411,13 @@ def test_router_types_match_reference(arch, router_type, unit, patched, text_fil
 
     top2 = ppl(patched, path, text_file)
     all4 = ppl(patched, path, text_file, extra=used_override(arch, 4))
-    assert math.isfinite(top2.final_ppl) and top2.n_chunks == CHUNKS
-    assert relative_difference(top2.final_ppl, all4.final_ppl) > 1e-3, (top2.final_ppl, all4.final_ppl)
+    assert math.isfinite(top2.ppl) and top2.n_chunks == CHUNKS
+    assert relative_difference(top2.ppl, all4.ppl) > 1e-3, (top2.ppl, all4.ppl)
 
     ref2 = reference_perplexity(moe, tokens, CTX, CHUNKS, n_used=2)
     ref4 = reference_perplexity(moe, tokens, CTX, CHUNKS, n_used=4)
-    assert relative_difference(top2.final_ppl, ref2) < 2e-4, (top2.final_ppl, ref2)
-    assert relative_difference(all4.final_ppl, ref4) < 2e-4, (all4.final_ppl, ref4)
+    assert relative_difference(top2.ppl, ref2) < 2e-4, (top2.ppl, ref2)
+    assert relative_difference(all4.ppl, ref4) < 2e-4, (all4.ppl, ref4)
 
 
 def test_reference_sanity_dense(patched, text_file, tmp_path):
@@ -425,7 +425,7 @@ def test_reference_sanity_dense(patched, text_file, tmp_path):
     dense = random_model(seed=7, zero_attn=True)
     r = ppl(patched, write_gguf(dense, tmp_path / "dense.gguf"), text_file)
     ref = reference_perplexity(dense, text_tokens(), CTX, CHUNKS, n_used=0)
-    assert relative_difference(r.final_ppl, ref) < 2e-4, (r.final_ppl, ref)
+    assert relative_difference(r.ppl, ref) < 2e-4, (r.ppl, ref)
 
 
 def test_unknown_router_type_is_rejected(patched, text_file, tmp_path):
@@ -447,7 +447,7 @@ def test_kl_divergence_of_a_model_with_itself_is_zero(patched, text_file, tmp_pa
     k = patched.kl_divergence(path, base, ctx=CTX, chunks=CHUNKS, threads=2)
     assert abs(k.mean_kld) < 1e-6
     assert k.same_top_p == pytest.approx(1.0)
-    assert k.ppl == pytest.approx(p.final_ppl, rel=1e-4)
+    assert k.ppl == pytest.approx(p.ppl, rel=1e-4)
 
 
 def test_completion_is_deterministic(patched, tmp_path):
@@ -462,7 +462,7 @@ def test_quantize_and_bench(patched, text_file, tmp_path):
     src = write_gguf(moe, tmp_path / "moe-f32.gguf")
     dst = patched.quantize(src, tmp_path / "moe-q8.gguf", "Q8_0")
     r = ppl(patched, dst, text_file)
-    assert math.isfinite(r.final_ppl)
+    assert math.isfinite(r.ppl)
     bench = patched.bench(dst, n_prompt=16, n_gen=4, threads=2, reps=1)
     assert [t["n_gen"] for t in bench["tests"]] == [0, 4] and all(t["avg_ts"] > 0 for t in bench["tests"])
     assert bench["pp_ts"] == bench["tests"][0]["avg_ts"] and bench["tg_ts"] == bench["tests"][1]["avg_ts"]

@@ -274,7 +274,7 @@ def run_perplexity(tools, model: Path, text: Path) -> Outcome:
     ppl = None
     if proc.returncode == 0:
         try:
-            ppl = parse_perplexity_output(proc.stdout, proc.stderr).final_ppl
+            ppl = parse_perplexity_output(proc.stdout, proc.stderr).ppl
         except Exception:   # a run that printed no perplexity
             ppl = None
     return Outcome(proc.returncode, proc.stdout + proc.stderr, ppl)
