@@ -7,8 +7,8 @@ import json
 import signal
 import sys
 import threading
-from pathlib import Path
 
+from .cli_args import Parser, prog_name
 from .errors import UserError
 from .gguf_writer import OUTTYPES
 from .methods import METHOD_NAMES, MethodOptions
@@ -23,19 +23,6 @@ _EPILOG = """commands:
   demo-model DIR             build the embedded SmolLM2-135M-Instruct as an HF folder (offline)
   bench ...                  perplexity, KL-divergence and speed of dense vs MoE GGUFs in llama.cpp
 Run `python -m gguf_moeify COMMAND --help` for each command's options."""
-
-
-def prog_name() -> str:
-    """How the user called us: the console script ``gguf-moeify`` or ``python -m gguf_moeify``."""
-    name = Path(sys.argv[0]).name
-    return name if name.startswith("gguf-moeify") else "python -m gguf_moeify"
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line, like every other user error."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
 def _method_args(p: argparse.ArgumentParser, main: argparse._ArgumentGroup) -> None:
@@ -237,7 +224,7 @@ def _lora(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=prog_name(),
+    p = Parser(prog=prog_name(),
                                 description="Turn a dense Hugging Face LLM into a mixture-of-experts GGUF for "
                                             "llama.cpp, without training.",
                                 epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -350,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     try:
-        if argv and argv[0] == "bench":  # its own parser (gguf_moeify/bench.py)
+        if argv and argv[0] == "bench":  # its own parser (gguf_moeify/bench/)
             from .bench import main as bench_main
             return bench_main(argv[1:])
         if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
