@@ -12,6 +12,7 @@ from .cli_args import Parser, prog_name
 from .errors import UserError
 from .gguf_writer import OUTTYPES
 from .methods import METHOD_NAMES, MethodOptions
+from .methods.finegrained import MAX_EXPERTS as FINEGRAINED_MAX_EXPERTS
 from .plan import ROUTER_DTYPES
 
 COMMANDS = ("convert", "inspect", "eval", "demo-model", "bench")
@@ -44,7 +45,8 @@ def _method_args(p: argparse.ArgumentParser, main: argparse._ArgumentGroup) -> N
     g = p.add_argument_group("method details (advanced; --experts/--shared/--top-k default: from --active)")
     g.add_argument("--experts", "-E", type=int, default=None,
                    help="total experts per layer, shared ones included; must divide the MLP's intermediate size "
-                        "(default: finegrained: experts of 32 neurons, E = d_ff/32, wider while E > 512; cmoe, "
+                        "(default: finegrained: experts of 32 neurons, E = d_ff/32, wider while E > "
+                        f"{FINEGRAINED_MAX_EXPERTS}; cmoe, "
                         "moefication: the divisor of d_ff nearest 16; mlpmoe: nearest 8; tomoe: 8, any E from 2 to "
                         "512, experts are trained masks)")
     g.add_argument("--shared", "-S", type=int, default=None,

@@ -9,10 +9,12 @@ import re
 from dataclasses import dataclass
 
 from ..errors import UserError
+from ..gguf_writer import FLOAT_OUTTYPES, NUMPY_QUANT_OUTTYPES
+from ..synthetic import _TYPES as SYN_OUTTYPES   # what synthetic files are written in
 
 REAL_METHODS = ("mlpmoe", "cmoe", "moefication", "finegrained", "tomoe")
-BENCH_OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
-SYN_OUTTYPES = ("f16", "q8_0", "q4_0")
+# what the writer writes, and the three k-quants bench offers (of gguf_writer.KQUANT_OUTTYPES)
+BENCH_OUTTYPES = FLOAT_OUTTYPES + NUMPY_QUANT_OUTTYPES + ("q4_k_m", "q5_k_m", "q6_k")
 
 
 @dataclass
