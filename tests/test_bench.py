@@ -47,7 +47,12 @@ def test_whole_bench_on_tiny_model(tools, tiny_models, tmp_path):
         assert r["protocol"]["ctx"] == 64 and r["protocol"]["chunks"] == 4
         assert r["protocol"]["llama_bench"]["reps"] == 3
     dense, mlp, mf = rows
-    assert dense["tg_speedup"] == 1.0 and dense["bw_limit_speedup"] == 1.0
+    # the speedups are the recorded figures' ratios to the dense row of the same outtype
+    for r in (mlp, mf):
+        assert r["tg_speedup"] == pytest.approx(r["tg_ts"] / dense["tg_ts"])
+        assert r["pp_speedup"] == pytest.approx(r["pp_ts"] / dense["pp_ts"])
+        assert r["bw_limit_speedup"] == pytest.approx(dense["bytes_per_token"] / r["bytes_per_token"])
+        assert r["tg_ts"] == pytest.approx(sum(r["tg_samples"]) / 3) and len(set(r["tg_samples"])) > 1
     # all experts active is the dense function: same perplexity and (nearly) the same logits
     assert abs(mlp["ppl"] - dense["ppl"]) / dense["ppl"] < 1e-3
     assert mlp["kld"] < 0.01 and mlp["top1"] > 0.8
@@ -67,6 +72,32 @@ def test_whole_bench_on_tiny_model(tools, tiny_models, tmp_path):
     assert cli_main(argv2) == 0
     rows2 = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert all(r["reused"] for r in rows2)
+
+
+def test_speedups_and_table_come_from_the_recorded_figures():
+    """Speedups over the dense row of the same outtype, from distinct hand-set figures: measured tokens/s ratios,
+    the bandwidth limit (dense bytes per token / the row's) and the measured decode speedup as a share of it."""
+    from gguf_moeify.bench.report import markdown_table
+    from gguf_moeify.bench.runs import speed_fields
+
+    def row(label, method, outtype, pp, tg, bpt):
+        return {"label": label, "method": method, "outtype": outtype, "active_fraction": 0.5, "file_bytes": 2**20,
+                "pp_ts": pp, "pp_ts_std": 1.0, "tg_ts": tg, "tg_ts_std": 0.5, "bytes_per_token": bpt,
+                "peak_rss_mib": 100.0, "ppl": 10.0, "kld": 0.1, "kld_err": 0.01, "top1": 0.9, "top1_err": 0.01}
+    dense8, dense4 = row("dense q8_0", "dense", "q8_0", 200.0, 40.0, 1000), row("dense q4_0", "dense", "q4_0",
+                                                                                 300.0, 60.0, 600)
+    moe8, moe4 = row("cmoe q8_0", "cmoe", "q8_0", 160.0, 50.0, 400), row("cmoe q4_0", "cmoe", "q4_0",
+                                                                          210.0, 90.0, 200)
+    rows = [dense8, dense4, moe8, moe4]
+    for r in rows:
+        speed_fields(r, {"q8_0": dense8, "q4_0": dense4})
+    assert (moe8["tg_speedup"], moe8["pp_speedup"], moe8["bw_limit_speedup"]) == (1.25, 0.8, 2.5)
+    assert moe8["tg_vs_limit"] == pytest.approx(0.5)
+    assert (moe4["tg_speedup"], moe4["pp_speedup"], moe4["bw_limit_speedup"]) == (1.5, 0.7, 3.0)
+    table = markdown_table(rows).splitlines()
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    col = [c.strip() for c in table[0].strip("|").split("|")].index("tg vs dense")
+    assert [c[col] for c in cells] == ["1.00x", "1.00x", "1.25x", "1.50x"]
 
 
 def test_config_syntax_and_fraction_mapping():
