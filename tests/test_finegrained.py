@@ -57,8 +57,16 @@ def test_trained_router_finds_the_oracle_experts(router, loss):
     norms = expert_output_norms(x[:50], gate, up, down, plan.experts)
     moe = MoEMLP(plan, gate, up, down, oracle=True)
     picked = moe.select(x[:50])
-    assert recall_at_k(norms, norms, 2) == 1.0
     assert torch.equal(picked.sort(1).values, torch.topk(norms, 2, dim=1).indices.sort(1).values)
+
+
+def test_recall_at_k_is_the_share_of_the_oracle_top_k_found():
+    """Three tokens, four experts: the router's top-2 holds one of the oracle's top-2, none, both."""
+    truth = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0], [1.0, 5.0, 6.0, 0.0]])
+    pred = torch.tensor([[4.0, 1.0, 3.0, 2.0], [4.0, 3.0, 2.0, 1.0], [0.0, 9.0, 8.0, 1.0]])
+    assert recall_at_k(pred, truth, 2) == pytest.approx((1 / 2 + 0 + 1) / 3)   # 0.5
+    assert recall_at_k(pred, truth, 1) == pytest.approx(1 / 3)                 # top-1 agrees on the first token
+    assert recall_at_k(pred, truth, 4) == 1.0                                   # every expert chosen
 
 
 def test_default_shape_is_32_neuron_experts_within_llama_cpp_limit():
