@@ -139,7 +139,7 @@ def main() -> int:
             if method == "tomoe":  # what the file computes per token (padding included) and the training time
                 train = res["plan"]["training"]
                 rec["sae"] = (f"E{opts.experts} top-1, {res['active_fraction']:.0%} computed, trained "
-                              f"{train['steps']} steps in {train['seconds'] / 60:.1f} min")
+                              f"{train['steps']} steps, cell {rec['seconds'] / 60:.1f} min")
             with log.open("a") as fh:
                 fh.write(json.dumps(rec, sort_keys=True, default=str) + "\n")
             done[key] = rec

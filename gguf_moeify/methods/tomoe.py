@@ -138,7 +138,9 @@ def plan_model(ckpt, adapter, opts: MethodOptions, progress: bool = True) -> lis
     # ToMoE's own active ratio (no padding), per layer, on one fixed calibration window
     tm.logits(step_window(ids, topts.seqlen, topts.seed + 1, -1))
     info = [{"active_ratio": round(float(m.record["active"]), 6)} for m in tm.layers]
-    info[0]["training"] = run
+    # the file records what was trained, not how long it took or whether it resumed: same options, same bytes
+    print(f"ToMoE training: {run['steps']} steps, {run['seconds']:.0f} s", file=sys.stderr)
+    info[0]["training"] = {k: v for k, v in run.items() if k not in ("seconds", "resumed_at")}
     plans = plans_from_masks(tm.hard_masks(), tm.router_weights(), info)
     del tm, model
     return stock_plans(plans, adapter.name) if opts.runtime == "stock" else plans
