@@ -42,6 +42,18 @@ def test_allocation_moves_experts_to_the_sensitive_layer_and_rejects_impossible_
         allocate([flat, steep], 9)
 
 
+def test_allocation_gives_more_experts_where_the_error_falls_faster():
+    """Four layers whose error falls by 4, 1, 2 and 0.5 per added expert (E_r = 7), the uniform budget k = 3 and the
+    calibration's bounds [k/2, 2k] = [1, 6]: the steepest layer fills to 6, the next takes the rest (4)."""
+    slopes = [4.0, 1.0, 2.0, 0.5]
+    curves = [s * (7 - np.arange(1, 8, dtype=float)) for s in slopes]
+    ks = allocate(curves, 4 * 3, k_min=1, k_max=6)
+    assert ks == [6, 1, 4, 1]
+    assert sum(ks) == 12 and all(1 <= k <= 6 for k in ks) and len(set(ks)) > 1
+    by_slope = [k for _, k in sorted(zip(slopes, ks), reverse=True)]
+    assert by_slope == sorted(by_slope, reverse=True)          # more experts where the error falls faster
+
+
 def test_error_curve_is_the_moe_error_at_each_k():
     g = torch.Generator().manual_seed(0)
     d, d_ff, T = 16, 64, 200
@@ -60,11 +72,18 @@ def test_error_curve_is_the_moe_error_at_each_k():
     assert curve[-1] < 1e-10          # every expert active: the dense MLP
 
 
-def test_sensitivity_budget_keeps_the_average(tiny_models):
+def test_sensitivity_budget_keeps_the_average_with_different_k_per_layer(tiny_models):
+    """A calibrated conversion at k = 3 of 7 routed experts: the layers' measured error curves differ, the layer
+    whose error falls more from a 4th expert gets more experts, the average and the bounds [1, 6] hold, and the
+    k are the allocation of the recorded curves."""
     ckpt = Checkpoint(tiny_models["llama"])
     opts = MethodOptions(experts=8, shared=1, top_k=3, calib=CALIB, calib_samples=2, calib_seqlen=64,
                          layer_budget="sensitivity", extra={"router_hidden": 16})
     plans = make_plans(ckpt, adapter_for(ckpt.config), "finegrained", opts, progress=False)
-    assert sum(p.top_k for p in plans) == 3 * len(plans)
-    for p in plans:
-        assert p.info["uniform_top_k"] == 3 and len(p.info["budget_error_curve"]) == 7
+    ks = [p.top_k for p in plans]
+    curves = [np.array(p.info["budget_error_curve"]) for p in plans]
+    assert all(p.info["uniform_top_k"] == 3 for p in plans) and all(c.shape == (7,) for c in curves)
+    assert sum(ks) == 3 * len(plans) and all(1 <= k <= 6 for k in ks) and len(set(ks)) > 1, ks
+    assert ks == allocate(curves, 3 * len(plans), k_min=1, k_max=6)
+    falls = [c[2] - c[3] for c in curves]   # the error a 4th expert removes
+    assert ks[int(np.argmax(falls))] == max(ks) and ks[int(np.argmin(falls))] == min(ks), (ks, falls)
