@@ -5,9 +5,15 @@ Adding an architecture means adding one ``Adapter`` entry below; nothing else in
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+import torch.nn.functional as F
 
 from .errors import UserError
+
+# HF hidden_act -> the function of the gated MLP act(W_gate x) * (W_up x), as the torch reference and every method's
+# statistics compute it; the patched llama.cpp graphs implement these
+ACTIVATION_FNS = {"silu": F.silu}
 
 # HF per-layer tensor (without ".weight"/".bias") -> GGUF per-layer tensor, shared by the llama-like families.
 _LLAMA_ATTN = {
@@ -32,9 +38,23 @@ class Adapter:
     mlp_gate: str = "mlp.gate_proj"
     mlp_up: str = "mlp.up_proj"
     mlp_down: str = "mlp.down_proj"
+    attn_norm: str = "input_layernorm"            # decoder layer modules the calibration pass runs by name
+    attn: str = "self_attn"
+    mlp_norm: str = "post_attention_layernorm"
+    decoder: str = "model"                        # the HF model's decoder stack (.layers, .rotary_emb)
     activations: tuple[str, ...] = ("silu",)   # gated MLP activations this runtime graph implements
+    activation: str = "silu"                   # this model's (config.json hidden_act), set by adapter_for
     globals: dict[str, str] = field(default_factory=lambda: {
         "model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"})
+
+    @property
+    def act(self):
+        """The MLP's activation function (torch)."""
+        return ACTIVATION_FNS[self.activation]
+
+    def hf_global(self, gguf_name: str) -> str:
+        """The HF tensor name of a whole-model tensor, by its GGUF name (token_embd, output_norm, output)."""
+        return next(k for k, v in self.globals.items() if v == gguf_name) + ".weight"
 
     def mlp_names(self, layer: int) -> tuple[str, str, str]:
         p = self.layer_prefix.format(i=layer)
@@ -101,4 +121,4 @@ def adapter_for(config: dict) -> Adapter:
                         f"{'/'.join(adapter.activations)} are supported")
     if config.get("mlp_bias"):
         raise UserError(f"{model_type} with mlp_bias=true is not supported (expert tensors carry no biases)")
-    return adapter
+    return replace(adapter, activation=act)

@@ -15,11 +15,12 @@ decoder layer plus the calibration hidden states (samples x seqlen x hidden floa
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from .errors import UserError
@@ -31,9 +32,11 @@ WIKITEXT2 = "wikitext2"
 @dataclass
 class LayerCalib:
     """What a data-driven method gets for one layer: the MLP inputs of every calibration token (T, d), float32,
-    exactly as the runtime gives them to the MLP (after the post-attention RMSNorm), and the seed."""
+    exactly as the runtime gives them to the MLP (after the post-attention RMSNorm), the seed, and the MLP's
+    activation (``Adapter.act``)."""
     x: torch.Tensor
     seed: int = 0
+    act: Callable = F.silu
 
 
 def check_text_source(source: str, flag: str) -> None:
@@ -116,7 +119,7 @@ def draw_windows(ids: torch.Tensor, samples: int, seqlen: int, seed: int, what: 
 
 class LayerwiseModel:
     """The HF model as a skeleton on the meta device; one decoder layer at a time is materialised from the
-    checkpoint. Works for the llama-like decoder layers (input_layernorm, self_attn, post_attention_layernorm, mlp)."""
+    checkpoint. Works for the llama-like decoder layers (attention norm, attention, MLP norm, MLP: adapter names)."""
 
     def __init__(self, ckpt, adapter):
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -126,13 +129,12 @@ class LayerwiseModel:
         self.config = AutoConfig.from_pretrained(str(ckpt.path))
         with torch.device("meta"):
             self.skeleton = AutoModelForCausalLM.from_config(self.config, dtype=ckpt.dtype)
-        self.base = self.skeleton.model
+        self.base = self.skeleton.get_submodule(adapter.decoder)
         with torch.device("cpu"):
             self.rotary = type(self.base.rotary_emb)(config=self.config).to(torch.float32)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        name = next(k for k, v in self.adapter.globals.items() if v == "token_embd")
-        w = self.ckpt.get(name + ".weight")
+        w = self.ckpt.get(self.adapter.hf_global("token_embd"))
         return torch.nn.functional.embedding(ids, w)
 
     def layer(self, i: int):
@@ -166,12 +168,13 @@ class LayerwiseModel:
 
 
 @torch.no_grad()
-def attention_part(layer, h: torch.Tensor, pe, pos, mask) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_part(layer, adapter, h: torch.Tensor, pe, pos, mask) -> tuple[torch.Tensor, torch.Tensor]:
     """(residual after attention, MLP input x) for hidden states h (B, L, d)."""
-    a = layer.input_layernorm(h)
-    a = layer.self_attn(hidden_states=a, attention_mask=mask, position_ids=pos, position_embeddings=pe)[0]
+    a = layer.get_submodule(adapter.attn_norm)(h)
+    a = layer.get_submodule(adapter.attn)(hidden_states=a, attention_mask=mask, position_ids=pos,
+                                          position_embeddings=pe)[0]
     h = h + a
-    return h, layer.post_attention_layernorm(h)
+    return h, layer.get_submodule(adapter.mlp_norm)(h)
 
 
 @torch.no_grad()
@@ -203,21 +206,21 @@ def calibrated_plans(ckpt, adapter, method, opts, progress: bool = True, capture
         xs = torch.empty_like(hidden)
         with phase("attention"):
             for s in range(n):
-                resid[s:s + 1], xs[s:s + 1] = attention_part(layer, hidden[s:s + 1], pe, pos, mask)
+                resid[s:s + 1], xs[s:s + 1] = attention_part(layer, adapter, hidden[s:s + 1], pe, pos, mask)
         gate, up, down = (layer.get_submodule(a).weight for a in (adapter.mlp_gate, adapter.mlp_up, adapter.mlp_down))
-        stats = LayerCalib(x=xs.reshape(-1, d).float(), seed=opts.seed + i)
+        stats = LayerCalib(x=xs.reshape(-1, d).float(), seed=opts.seed + i, act=adapter.act)
         with phase("plan"):
             plan = method.plan_layer(i, gate, up, down, opts, stats)
             if opts.runtime == "stock":  # the next layer calibrates on what stock llama.cpp will compute
                 from .stock import stock_form
-                plan = stock_form(plan, adapter.name, stats.x)
+                plan = stock_form(plan, adapter.name, stats.x, adapter.act)
         plans.append(plan)
         with phase("moe_forward"):
-            moe = MoEMLP(plan, gate, up, down)
+            moe = MoEMLP(plan, gate, up, down, act=adapter.act)
             if opts.layer_budget == "sensitivity":
                 rows = sample_rows(n * L, opts.seed + i)
                 x_s, r_s = xs.reshape(-1, d)[rows], resid.reshape(-1, d)[rows]
-                dense_out = (torch.nn.functional.silu(x_s @ gate.t()) * (x_s @ up.t())) @ down.t()
+                dense_out = (adapter.act(x_s @ gate.t()) * (x_s @ up.t())) @ down.t()
                 curves.append(error_curve(moe, x_s, r_s, dense_out))
             forward = moe_forward(moe)
             for s in range(n):
@@ -233,10 +236,9 @@ def calibrated_plans(ckpt, adapter, method, opts, progress: bool = True, capture
         # bounded to [k/2, 2k]: the proxy compares layers only roughly (see budget.py)
         uniform = plans[0].top_k
         ks = allocate(curves, sum(p.top_k for p in plans), k_min=max(1, uniform // 2), k_max=2 * uniform)
-        for p, k_i, c in zip(plans, ks, curves):
-            p.info["uniform_top_k"] = p.top_k
-            p.info["budget_error_curve"] = [round(float(v), 8) for v in c]
-            p.top_k = k_i
+        plans = [replace(p, top_k=k_i, info={**p.info, "uniform_top_k": p.top_k,
+                                              "budget_error_curve": [round(float(v), 8) for v in c]})
+                 for p, k_i, c in zip(plans, ks, curves)]
     return plans
 
 
@@ -266,8 +268,3 @@ def moe_forward(moe):
             out += (moe.act(x @ moe.gate_shexp.t()) * (x @ moe.up_shexp.t())) @ moe.down_shexp.t()
         return out
     return forward
-
-
-def active_fraction_default(experts: int, shared: int, target: float = 0.5) -> int:
-    """top-k routed experts so that (shared + k) / experts is nearest to ``target`` (at least 1)."""
-    return max(1, min(experts - shared, int(math.floor(target * experts - shared + 0.5))))

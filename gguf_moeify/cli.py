@@ -12,7 +12,7 @@ from .cli_args import Parser, prog_name
 from .errors import UserError
 from .gguf_writer import OUTTYPES
 from .methods import METHOD_NAMES, MethodOptions
-from .methods.finegrained import MAX_EXPERTS as FINEGRAINED_MAX_EXPERTS
+from .sizing import MAX_EXPERTS as FINEGRAINED_MAX_EXPERTS
 from .plan import ROUTER_DTYPES
 
 COMMANDS = ("convert", "inspect", "eval", "demo-model", "bench")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -15,7 +15,7 @@ from .errors import UserError
 from .finetune import LoRAOptions
 from .gguf_writer import KQUANT_OUTTYPES, OUTTYPES, output_temp_path, write_gguf
 from .methods import MethodOptions, get_method, resolve_options
-from .plan import MoEPlan
+from .plan import ModelPlan, MoEPlan
 
 
 def open_model(model: str, dtype: str = "float32") -> tuple[Checkpoint, Adapter]:
@@ -45,25 +45,26 @@ def check_output_path(out: Path, model_dir: Path) -> None:
 
 
 def make_plans(ckpt: Checkpoint, adapter: Adapter, method_name: str, opts: MethodOptions,
-               progress: bool = True) -> list[MoEPlan]:
-    """One plan per decoder layer; only that layer's MLP weights are in memory at a time. Methods that need
-    calibration go through the layer-sequential pipeline (one decoder layer plus the calibration states).
-    Routers are rounded to ``opts.router_dtype`` last (calibration runs with f32 routers; fine-tuning, which comes
-    after, and the file with the rounded ones)."""
-    plans = _method_plans(ckpt, adapter, method_name, opts, progress)
-    for plan in plans:
-        plan.router.dtype = opts.router_dtype
-    return plans
-
-
-def _method_plans(ckpt: Checkpoint, adapter: Adapter, method_name: str, opts: MethodOptions,
-                  progress: bool) -> list[MoEPlan]:
+               progress: bool = True, provenance: dict | None = None) -> ModelPlan:
+    """The file's plan: one plan per decoder layer (only that layer's MLP weights in memory at a time; methods that
+    need calibration go through the layer-sequential pipeline), the target runtime, the shared layout and the
+    router dtype from ``opts``. Routers are rounded to ``opts.router_dtype`` last (calibration runs with f32
+    routers; fine-tuning, which comes after, and the file with the rounded ones)."""
     method = get_method(method_name)
     opts = resolve_options(method_name, opts, ckpt.d_ff)
     method.validate(opts, ckpt.d_ff)
+    target = "patched"
     if opts.runtime == "stock":
-        from .stock import check_stock_options
+        from .stock import check_stock_options, stock_target
         check_stock_options(opts, ckpt.config, adapter.name)
+    layers = _method_plans(ckpt, adapter, method_name, method, opts, progress)
+    if opts.runtime == "stock":
+        target = "stock-" + stock_target(adapter.name, layers[0].shared_width > 0).arch
+    return ModelPlan.build(layers, target, opts.shared_layout, opts.router_dtype, provenance)
+
+
+def _method_plans(ckpt: Checkpoint, adapter: Adapter, method_name: str, method, opts: MethodOptions,
+                  progress: bool) -> list[MoEPlan]:
     if hasattr(method, "plan_model"):  # trained on the whole model at once (ToMoE)
         return method.plan_model(ckpt, adapter, opts, progress)
     if getattr(method, "needs_calibration", False):
@@ -88,12 +89,13 @@ def provenance(ckpt: Checkpoint, method: str, opts: MethodOptions, outtype: str,
             "outtype": outtype, "dtype": dtype}
 
 
-def write_model_file(ckpt: Checkpoint, adapter: Adapter, plans: list[MoEPlan], out: str | os.PathLike,
-                     outtype: str, provenance: dict, progress: bool = True,
-                     make_plans_fn=None, overrides_fn=None, shared_as_routed: bool = True) -> Path:
-    """Plans -> GGUF at ``out`` via a temporary file in the same folder, renamed only when complete.
-    ``make_plans_fn`` (optional) computes the plans after the output was checked to be writable;
-    ``overrides_fn(plans)`` (optional) returns tensors that replace the checkpoint's (see ``write_gguf``)."""
+def write_model_file(ckpt: Checkpoint, adapter: Adapter, plan: ModelPlan | None, out: str | os.PathLike,
+                     outtype: str, provenance: dict | None = None, progress: bool = True,
+                     make_plans_fn=None, finetune_fn=None) -> Path:
+    """The file's plan -> GGUF at ``out`` via a temporary file in the same folder, renamed only when complete.
+    ``make_plans_fn`` (optional) computes the plan after the output was checked to be writable; ``finetune_fn(plan)``
+    (optional) returns the fine-tuned plan and the tensors that replace the checkpoint's (see ``write_gguf``).
+    ``provenance`` replaces the plan's."""
     if outtype not in OUTTYPES:
         raise UserError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
     out = Path(out)
@@ -101,11 +103,14 @@ def write_model_file(ckpt: Checkpoint, adapter: Adapter, plans: list[MoEPlan], o
     tmp = output_temp_path(out)
     try:
         if make_plans_fn is not None:
-            plans = make_plans_fn()
-        overrides = overrides_fn(plans) if overrides_fn is not None else None
+            plan = make_plans_fn()
+        if provenance is not None:
+            plan = replace(plan, provenance=provenance)
+        overrides = None
+        if finetune_fn is not None:
+            plan, overrides = finetune_fn(plan)
         float_type = "f16" if outtype in KQUANT_OUTTYPES else outtype
-        fallbacks = write_gguf(tmp, ckpt, adapter, plans, float_type, provenance, progress, overrides,
-                               shared_as_routed)
+        fallbacks = write_gguf(tmp, ckpt, adapter, plan, float_type, progress, overrides)
         if fallbacks:
             print(f"note: {len(fallbacks)} tensors kept at f16 (last dimension not a multiple of 32), "
                   f"e.g. {fallbacks[0]}", file=sys.stderr)
@@ -126,17 +131,19 @@ def write_model_file(ckpt: Checkpoint, adapter: Adapter, plans: list[MoEPlan], o
     return out
 
 
-def finetuned_overrides_fn(ckpt: Checkpoint, adapter: Adapter, calib: str | None, lora: LoRAOptions,
-                           prov: dict, progress: bool = True):
-    """``overrides_fn`` for write_model_file: build the torch reference from the plans, fine-tune it with LoRA
-    (merged), record the run in the provenance, and hand over the changed tensors."""
-    def run(plans: list[MoEPlan]) -> dict:
+def finetune_fn(ckpt: Checkpoint, adapter: Adapter, calib: str | None, lora: LoRAOptions, progress: bool = True):
+    """``finetune_fn`` for write_model_file: build the torch reference from the plan, fine-tune it with LoRA
+    (merged), and return the plan with the trained routers and the run in its provenance, and the changed
+    tensors."""
+    def run(plan: ModelPlan) -> tuple[ModelPlan, dict]:
         from .finetune import finetune_lora, finetuned_overrides
+        from .moe_torch import layer_plans
         from .reference import load_dense, moeify_
         model, _ = load_dense(ckpt, tokenizer=False)
-        moeify_(model, adapter, plans)
-        prov["finetune"] = {"method": "lora", **finetune_lora(model, ckpt, adapter, calib, lora, progress)}
-        return finetuned_overrides(model, adapter, ckpt.n_layers)
+        moeify_(model, adapter, plan)
+        run = {"method": "lora", **finetune_lora(model, ckpt, adapter, calib, lora, progress)}
+        tuned = replace(plan.with_layers(layer_plans(model)), provenance={**plan.provenance, "finetune": run})
+        return tuned, finetuned_overrides(model, adapter, ckpt.n_layers)
     return run
 
 
@@ -150,10 +157,10 @@ def convert(model: str, out: str | os.PathLike, method: str = "mlpmoe", opts: Me
     opts = resolve_options(method, opts, ckpt.d_ff)
     get_method(method).validate(opts, ckpt.d_ff)
     prov = provenance(ckpt, method, opts, outtype, dtype)
-    overrides_fn = None
+    tune = None
     if finetune is not None:
         finetune.check(opts.calib)
-        overrides_fn = finetuned_overrides_fn(ckpt, adapter, opts.calib, finetune, prov, progress)
-    return write_model_file(ckpt, adapter, [], out, outtype, prov, progress,
-                            make_plans_fn=lambda: make_plans(ckpt, adapter, method, opts, progress),
-                            overrides_fn=overrides_fn, shared_as_routed=opts.shared_layout == "experts")
+        tune = finetune_fn(ckpt, adapter, opts.calib, finetune, progress)
+    return write_model_file(ckpt, adapter, None, out, outtype, None, progress,
+                            make_plans_fn=lambda: make_plans(ckpt, adapter, method, opts, progress, prov),
+                            finetune_fn=tune)

@@ -5,30 +5,18 @@ The rules are the ones the patched loader enforces (patch 0018 turns each of the
 GGUF name, layers by index, shapes in ggml order (``ne``, the reverse of numpy's). A few checks go further than the
 loader can before it reads the weights (the always-selected experts' bias values).
 
-Key names live here; ``gguf_writer`` writes the same names (through gguf-py's ``add_*`` helpers where they exist).
+Key and tensor names come from gguf_keys, as the writers'.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .gguf_writer import (ALWAYS_SELECTED_BIAS, GATE_UP_EXPS, LLAMA_MAX_EXPERTS, ROUTER_TENSOR_NAMES,
-                          expert_tensor_name)
-from .plan import ROUTER_TYPE_IDS
-
-# keys ({arch} = general.architecture); gguf-py's Keys.LLM spells the stock ones the same way
-ARCH = "general.architecture"
-BLOCK_COUNT = "{arch}.block_count"
-EMBEDDING_LENGTH = "{arch}.embedding_length"
-FEED_FORWARD_LENGTH = "{arch}.feed_forward_length"
-EXPERT_COUNT = "{arch}.expert_count"
-EXPERT_USED_COUNT = "{arch}.expert_used_count"
-EXPERT_FEED_FORWARD_LENGTH = "{arch}.expert_feed_forward_length"
-EXPERT_SHARED_FEED_FORWARD_LENGTH = "{arch}.expert_shared_feed_forward_length"
-EXPERT_ROUTER_TYPE = "{arch}.expert_router_type"          # patch 0003
-EXPERT_WEIGHTS_UNIT = "{arch}.expert_weights_unit"        # patch 0001
-ALWAYS_SELECTED_EXPERTS = "gguf_moeify.always_selected_experts"   # read by the loader since patch 0018
-PROVENANCE = "gguf_moeify.provenance"
-SELECTION_BIAS = "exp_probs_b.bias"                       # patch 0013
+from .gguf_keys import (ALWAYS_SELECTED_BIAS, ALWAYS_SELECTED_EXPERTS, ARCH, BLOCK_COUNT,  # noqa: F401
+                        EMBEDDING_LENGTH, EXPERT_COUNT, EXPERT_FEED_FORWARD_LENGTH, EXPERT_ROUTER_TYPE,
+                        EXPERT_SHARED_FEED_FORWARD_LENGTH, EXPERT_USED_COUNT, EXPERT_WEIGHTS_UNIT,
+                        FEED_FORWARD_LENGTH, GATE_UP_EXPS, PROVENANCE, ROUTER_TENSOR_NAMES, SELECTION_BIAS,
+                        expert_tensor_name)
+from .plan import LLAMA_MAX_EXPERTS, ROUTER_TYPE_IDS
 
 # architectures whose MoE FFN the patch series builds (the others: key checks only)
 PATCHED_ARCHS = ("llama", "qwen3")

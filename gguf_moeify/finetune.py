@@ -270,7 +270,7 @@ def refit_routers(model, moes: list[MoEMLP], windows: torch.Tensor, held_loss) -
     """Re-fit each linear router, in layer order, to predict its fine-tuned experts' output norms on ``windows``
     (finegrained's own ridge fit to standardised log norms), each layer's inputs taken from the model with the
     layers before it already refitted. Returns the held-out loss after."""
-    from .methods.finegrained import fit_linear_router
+    from .routers import fit_linear_router
     for moe in tqdm(moes, desc="refitting routers", unit="layer", leave=False):
         xs = []
 
@@ -294,15 +294,14 @@ def refit_routers(model, moes: list[MoEMLP], windows: torch.Tensor, held_loss) -
         norms = torch.cat([moe._all_experts(x[i:i + rows].to(moe.gate_exps.dtype), w).norm(dim=-1)
                            for i in range(0, len(x), rows)])
         weight = fit_linear_router(x, norms.float())
-        moe.plan.router.tensors = {"weight": weight}
-        moe.router["weight"] = torch.as_tensor(moe.plan.router.tensors["weight"], dtype=moe.gate_exps.dtype)
+        moe.set_router({"weight": weight})
     return held_loss()
 
 
 def finetuned_overrides(model, adapter, n_layers: int) -> dict[str, torch.Tensor]:
     """The tensors fine-tuning changed, by name for the GGUF writer: attention weights by HF name, expert tensors by
     GGUF name. They are the model's own tensors (no copy)."""
-    from .gguf_writer import expert_tensor_name
+    from .gguf_keys import expert_tensor_name
     out = {}
     for i in range(n_layers):
         prefix = adapter.layer_prefix.format(i=i)

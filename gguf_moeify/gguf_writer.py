@@ -11,14 +11,12 @@ projection are kept at q8_0, as llama-quantize keeps the output at a higher prec
 
 Layout for the patched runtime: each expert's gate and up rows in one ``ffn_gate_up_exps`` tensor, and a shared
 expert whose width is a multiple of the expert width written as always-selected routed experts (see
-``shared_as_experts``); ``--runtime stock`` files keep the tensors unmodified llama.cpp reads.
+``ModelPlan.n_shared_as_experts``); ``--runtime stock`` files keep the tensors unmodified llama.cpp reads. What
+differs per target (architecture, MoE keys, gate/up layout) is in targets.py; every name is in gguf_keys.py.
 """
 from __future__ import annotations
 
 import json
-import os
-import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,55 +28,18 @@ from tqdm import tqdm
 from .adapters import Adapter
 from .checkpoint import Checkpoint
 from .errors import UserError
-from .plan import ROUTER_TYPE_IDS, MoEPlan, expert_tensors
+from .gguf_keys import (ALWAYS_SELECTED_BIAS, EXPERT_TENSORS, GATE_UP_EXPS, PER_EXPERT_ROUTER_KEYS, PLAN, PROVENANCE,
+                        ROUTER_TENSOR_NAMES, SELECTION_BIAS, expert_tensor_name)
+from .output_file import output_temp_path, remove_stale_temp_files  # noqa: F401  (convert's and the tests' names)
+from .plan import ModelPlan, MoEPlan, expert_tensors
 from .rope_layout import llama3_rope_factors, permute_qk
+from .targets import Target, target_for
 from .vocab import converter_keys
 
 FLOAT_OUTTYPES = ("f32", "f16", "bf16")
 NUMPY_QUANT_OUTTYPES = ("q8_0", "q4_0")
 KQUANT_OUTTYPES = ("q4_k_m", "q5_k_m", "q6_k", "q3_k_m", "q2_k", "q4_k_s", "q5_k_s")
 OUTTYPES = FLOAT_OUTTYPES + NUMPY_QUANT_OUTTYPES + KQUANT_OUTTYPES
-
-# GGUF names for each router tensor of each router kind (patched runtime; see patches/README.md)
-ROUTER_TENSOR_NAMES = {
-    "linear": {"weight": "ffn_gate_inp.weight"},
-    "cmoe": {"gate": "ffn_gate_inp.weight", "up": "ffn_up_inp.weight"},
-    "mlp": {"w1": "ffn_gate_inp.weight", "b1": "ffn_gate_inp.bias",
-            "w2": "ffn_gate_inp_out.weight", "b2": "ffn_gate_inp_out.bias"},
-}
-
-_EXPERT_GGUF = {"gate_exps": "ffn_gate_exps", "up_exps": "ffn_up_exps", "down_exps": "ffn_down_exps",
-                "gate_shexp": "ffn_gate_shexp", "up_shexp": "ffn_up_shexp", "down_shexp": "ffn_down_shexp"}
-# Patched-runtime files store each expert's gate and up rows in one tensor (E, 2F, d), gate rows first: one
-# MUL_MAT_ID per layer fewer, and an expert's gate/up rows are one contiguous read (patch 0012). Stock files keep
-# the two tensors unmodified llama.cpp reads.
-GATE_UP_EXPS = "ffn_gate_up_exps"
-# Router tensors with one row (or value) per expert, by router kind; the others (the MLP router's hidden layer) are not
-PER_EXPERT_ROUTER_KEYS = {"weight", "gate", "up", "w2", "b2"}
-# Selection bias of always-selected experts (patch 0013): added to their router scores before the top-k. Far above
-# any real score, and exactly representable: score + bias == bias in f32, so they tie among themselves.
-ALWAYS_SELECTED_BIAS = np.float32(2.0 ** 100)
-LLAMA_MAX_EXPERTS = 1024   # llama.cpp's limit on expert_count (llama-hparams.h)
-
-
-def shared_as_experts(plans: list[MoEPlan]) -> int:
-    """How many routed-expert slots the shared expert takes in a patched-runtime file, or 0 to keep it separate.
-
-    The shared expert is written as n always-selected experts (the first n of ``ffn_gate_up_exps`` /
-    ``ffn_down_exps``, selection bias ``exp_probs_b``), so a layer runs one expert FFN instead of two (patch 0013):
-    possible when every layer's shared width is n times its expert width, with the same n in every layer (the expert
-    count is one number per file)."""
-    if plans[0].gating == "softmax" or not all(p.shared_width for p in plans):
-        return 0
-    counts = {p.shared_width // p.expert_width if p.shared_width % p.expert_width == 0 else 0 for p in plans}
-    n = counts.pop() if len(counts) == 1 else 0
-    return n if plans[0].n_experts + n <= LLAMA_MAX_EXPERTS else 0
-
-
-def expert_tensor_name(layer: int, key: str) -> str:
-    """GGUF name of one of a layer's expert tensors (key: an ``expert_tensors`` key such as "gate_exps")."""
-    return f"blk.{layer}.{_EXPERT_GGUF[key]}.weight"
-
 
 def _qtype(outtype: str):
     import gguf
@@ -104,16 +65,16 @@ class Entry:
 class TensorPlanner:
     """Decides every tensor of the output file (name, shape, type) and how to produce its data lazily."""
 
-    def __init__(self, ckpt: Checkpoint, adapter: Adapter, plans: list[MoEPlan], outtype: str,
+    def __init__(self, ckpt: Checkpoint, adapter: Adapter, plans: ModelPlan, outtype: str,
                  overrides: dict[str, torch.Tensor] | None = None, n_shared_exps: int = 0,
                  merge_gate_up: bool = True):
         import gguf
-        self.ckpt, self.adapter, self.plans, self.outtype = ckpt, adapter, plans, outtype
+        self.ckpt, self.adapter, self.plans, self.outtype = ckpt, adapter, plans.layers, outtype
         self.overrides = overrides or {}
         self.T = gguf.GGMLQuantizationType
         self.base = _qtype(outtype)
         self.fallbacks: list[str] = []
-        self.tied = not ckpt.has("lm_head.weight") or bool(ckpt.config.get("tie_word_embeddings", False))
+        self.tied = not ckpt.has(adapter.hf_global("output")) or bool(ckpt.config.get("tie_word_embeddings", False))
         self.merge_gate_up = merge_gate_up   # patched runtime; --runtime stock files keep the two tensors
         self.n_shared_exps = n_shared_exps   # the shared expert as that many always-selected experts (0: separate)
         self._memo: tuple[int, dict] | None = None
@@ -139,7 +100,7 @@ class TensorPlanner:
         if self._memo is None or self._memo[0] != i:
             self._memo = None  # free the previous layer first
             own = {key: self.overrides[expert_tensor_name(i, key)].detach().to(torch.float32).numpy()
-                   for key in _EXPERT_GGUF if expert_tensor_name(i, key) in self.overrides}
+                   for key in EXPERT_TENSORS if expert_tensor_name(i, key) in self.overrides}
             if len(own) == (6 if self.plans[i].shared_width else 3):
                 self._memo = (i, own)
             else:
@@ -174,10 +135,11 @@ class TensorPlanner:
     def entries(self) -> list[Entry]:
         ck, ad = self.ckpt, self.adapter
         out: list[Entry] = []
-        emb = ck.shape("model.embed_tokens.weight")
+        emb_name, norm_name, head_name = (ad.hf_global(n) for n in ("token_embd", "output_norm", "output"))
+        emb = ck.shape(emb_name)
         head_type = self.T.Q8_0 if self.base == self.T.Q4_0 else self.base
         out.append(Entry("token_embd.weight", emb, self._type_for("token_embd.weight", emb,
-                         head_type if self.tied else None), self._hf("model.embed_tokens.weight")))
+                         head_type if self.tied else None), self._hf(emb_name)))
         rope_freqs = llama3_rope_factors(ck.config)
         if rope_freqs is not None:   # Llama 3.x rope scaling, as llama.cpp's converter writes it
             out.append(Entry("rope_freqs.weight", rope_freqs.shape, self.T.F32, lambda: rope_freqs))
@@ -204,7 +166,7 @@ class TensorPlanner:
             d, n_exp, n_sh = ck.n_embd, plan.n_experts + self.n_shared_exps, self.n_shared_exps
             if n_sh:
                 bias = np.concatenate([np.full(n_sh, ALWAYS_SELECTED_BIAS), np.zeros(plan.n_experts, np.float32)])
-                out.append(Entry(f"blk.{i}.exp_probs_b.bias", bias.shape, self.T.F32, (lambda a: lambda: a)(bias)))
+                out.append(Entry(f"blk.{i}.{SELECTION_BIAS}", bias.shape, self.T.F32, (lambda a: lambda: a)(bias)))
             if self.merge_gate_up:
                 name, shape = f"blk.{i}.{GATE_UP_EXPS}.weight", (n_exp, 2 * plan.expert_width, d)
                 out.append(Entry(name, shape, self._type_for(name, shape), (lambda i: lambda: self._gate_up(i))(i)))
@@ -220,12 +182,12 @@ class TensorPlanner:
                 name = expert_tensor_name(i, key)
                 out.append(Entry(name, shape, self._type_for(name, shape),
                                  (lambda i, key: lambda: self._layer_experts(i)[key])(i, key)))
-        norm = ck.shape("model.norm.weight")
-        out.append(Entry("output_norm.weight", norm, self.T.F32, self._hf("model.norm.weight")))
+        norm = ck.shape(norm_name)
+        out.append(Entry("output_norm.weight", norm, self.T.F32, self._hf(norm_name)))
         if not self.tied:
-            shape = ck.shape("lm_head.weight")
+            shape = ck.shape(head_name)
             out.append(Entry("output.weight", shape, self._type_for("output.weight", shape, head_type),
-                             self._hf("lm_head.weight")))
+                             self._hf(head_name)))
         return out
 
 
@@ -250,17 +212,6 @@ def _encoded_layout(shape: tuple[int, ...], qtype) -> tuple[np.dtype, tuple[int,
     return np.dtype(np.uint8), tuple(gguf.quants.quant_shape_to_byte_shape(shape, qtype))
 
 
-def check_plans_uniform(plans: list[MoEPlan]) -> None:
-    """llama.cpp reads one expert count, shared width and router kind per file: every layer must agree. The expert
-    width may differ per layer in the patched runtime (expert_feed_forward_length as a per-layer array, read by
-    patch 0002), not in stock llama.cpp."""
-    first = plans[0]
-    for p in plans[1:]:
-        if (p.n_experts, p.shared_width, p.router.kind) != (first.n_experts, first.shared_width, first.router.kind) \
-                or (p.gating != "unit" and p.expert_width != first.expert_width):
-            raise ValueError(f"layer {p.layer} has a different expert layout than layer 0")
-
-
 def _copy_key(writer, key: str, value, types: list) -> None:
     import gguf
     vt = gguf.GGUFValueType
@@ -270,114 +221,22 @@ def _copy_key(writer, key: str, value, types: list) -> None:
         writer.add_key_value(key, value, types[0])
 
 
-def _temp_pattern(out: Path) -> re.Pattern:
-    """Our temporary files for ``out``: ``.NAME.PID.RANDOM.tmp`` (and llama-quantize's ``.tmp.q`` beside it)."""
-    return re.compile(rf"\.{re.escape(out.name)}\.(\d+)\.[A-Za-z0-9_]+\.tmp(\.q)?")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # alive, another user's
-        return True
-    return True
-
-
-def remove_stale_temp_files(out: Path) -> list[Path]:
-    """Delete the temporary files an earlier run for ``out`` left behind when it was killed (SIGKILL, power
-    loss): ours by name, and only those whose process is gone, so a run writing the same file now keeps its own."""
-    folder = out.parent if str(out.parent) else Path(".")
-    pattern, removed = _temp_pattern(out), []
-    for f in folder.iterdir():
-        m = pattern.fullmatch(f.name)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
-            f.unlink(missing_ok=True)
-            removed.append(f)
-    return removed
-
-
-def output_temp_path(out: Path) -> Path:
-    """Create (and so check) the temporary output file next to ``out``; a clear error if the folder is unwritable.
-    Stale temporary files of earlier killed runs for the same output are removed first."""
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise UserError(f"cannot write {out}: folder {folder} does not exist")
-    try:
-        remove_stale_temp_files(out)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp")
-    except OSError as exc:
-        raise UserError(f"cannot write {out}: {exc.strerror or exc}")
-    os.close(fd)
-    return Path(tmp)
-
-
-def write_gguf(out_tmp: Path, ckpt: Checkpoint, adapter: Adapter, plans: list[MoEPlan], outtype: str,
-               provenance: dict, progress: bool = True, overrides: dict[str, torch.Tensor] | None = None,
-               shared_as_routed: bool = True) -> list[str]:
-    """Write the GGUF to ``out_tmp``; returns the names of tensors that fell back to f16. ``overrides`` replaces
-    tensors by name: checkpoint tensors by their HF name (HF layout), expert tensors by their GGUF name
-    (``expert_tensor_name``, expert layout), e.g. the merged weights of a fine-tuned model. ``shared_as_routed``
-    False keeps the shared expert in its own tensors (``--shared-layout separate``)."""
+def write_gguf(out_tmp: Path, ckpt: Checkpoint, adapter: Adapter, plan: ModelPlan, outtype: str,
+               progress: bool = True, overrides: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """Write the GGUF of ``plan`` to ``out_tmp``; returns the names of tensors that fell back to f16.
+    ``overrides`` replaces tensors by name: checkpoint tensors by their HF name (HF layout), expert tensors by
+    their GGUF name (``expert_tensor_name``, expert layout), e.g. the merged weights of a fine-tuned model."""
     import gguf
-    check_plans_uniform(plans)
-    p0 = plans[0]
-    stock = p0.gating == "softmax"
-    if stock:  # --runtime stock: an architecture unmodified llama.cpp runs (see stock.py)
-        from .stock import stock_target
-        arch = stock_target(adapter.name, p0.shared_width > 0).arch
-    else:
-        arch = adapter.gguf_arch
-    conv_arch, conv_keys = converter_keys(ckpt.path)
-    writer = gguf.GGUFWriter(str(out_tmp), arch)
-    skip = {"general.architecture", "general.file_type", "general.quantization_version"}
-    if stock and arch == "llama":
-        skip.add("llama.feed_forward_length")   # the Mixtral convention: it is the expert width (below)
-    for key, value, types in conv_keys:
-        if key.startswith(conv_arch + "."):
-            key = arch + key[len(conv_arch):]
-        elif not key.startswith(("general.", "tokenizer.")):
-            continue
-        if key in skip:
-            continue
-        _copy_key(writer, key, value, types)
-    # the shared expert as n always-selected experts where possible (shared_as_experts), unless asked to keep it apart
-    n_sh = shared_as_experts(plans) if shared_as_routed else 0
-    writer.add_expert_count(p0.n_experts + n_sh)
-    used = [p.top_k + n_sh for p in plans]
-    if len(set(used)) == 1:
-        writer.add_expert_used_count(used[0])
-    else:  # per-layer budgets: llama.cpp reads the key as a scalar or an array (graph use: patch 0005)
-        writer.add_array(f"{arch}.expert_used_count", used)
-    if not stock:
-        widths = [p.expert_width for p in plans]
-        if len(set(widths)) == 1:
-            writer.add_expert_feed_forward_length(p0.expert_width)
-        else:  # experts of different widths per layer (ToMoE): read as a per-layer array (patch 0002)
-            writer.add_array(f"{arch}.expert_feed_forward_length", widths)
-        shared_width = 0 if n_sh else p0.shared_width
-        writer.add_expert_shared_feed_forward_length(shared_width)
-        writer.add_uint32(f"{arch}.expert_shared_count", 1 if shared_width else 0)
-        if n_sh:  # informational: llama.cpp knows them only by their selection bias
-            writer.add_uint32("gguf_moeify.always_selected_experts", n_sh)
-        writer.add_uint32(f"{arch}.expert_router_type", ROUTER_TYPE_IDS[p0.router.kind])
-        writer.add_bool(f"{arch}.expert_weights_unit", True)
-    elif arch == "llama":
-        writer.add_feed_forward_length(p0.expert_width)
-    else:
-        writer.add_expert_feed_forward_length(p0.expert_width)
-        if arch == "deepseek":  # the shared expert is n_expert_shared experts wide
-            if p0.shared_width % p0.expert_width:
-                raise ValueError("deepseek needs a shared expert width that is a multiple of the expert width")
-            writer.add_expert_shared_count(p0.shared_width // p0.expert_width)
-            writer.add_leading_dense_block_count(0)
+    target = target_for(plan, adapter.gguf_arch)
+    writer = gguf.GGUFWriter(str(out_tmp), target.arch)
+    _write_keys(writer, ckpt, target)
     writer.add_file_type(file_type(outtype))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_string("gguf_moeify.provenance", json.dumps(provenance, sort_keys=True))
-    writer.add_string("gguf_moeify.plan", json.dumps([p.summary() for p in plans], sort_keys=True))
+    writer.add_string(PROVENANCE, json.dumps(plan.provenance, sort_keys=True))
+    writer.add_string(PLAN, json.dumps([p.summary() for p in plan], sort_keys=True))
 
-    planner = TensorPlanner(ckpt, adapter, plans, outtype, overrides, n_sh, merge_gate_up=not stock)
+    planner = TensorPlanner(ckpt, adapter, plan, outtype, overrides, target.n_shared_exps,
+                            merge_gate_up=target.merge_gate_up)
     entries = planner.entries()
     for e in entries:
         dtype, shape = _encoded_layout(e.shape, e.qtype)
@@ -386,7 +245,7 @@ def write_gguf(out_tmp: Path, ckpt: Checkpoint, adapter: Adapter, plans: list[Mo
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     layer_of = lambda name: int(name.split(".")[1]) if name.startswith("blk.") else None  # noqa: E731
-    bar = tqdm(total=len(plans), desc=f"writing {outtype}", unit="layer", disable=not progress)
+    bar = tqdm(total=len(plan), desc=f"writing {outtype}", unit="layer", disable=not progress)
     last = None
     for e in entries:
         data = _encode(e.produce(), e.qtype)
@@ -400,3 +259,19 @@ def write_gguf(out_tmp: Path, ckpt: Checkpoint, adapter: Adapter, plans: list[Mo
     bar.close()
     writer.close()
     return planner.fallbacks
+
+
+def _write_keys(writer, ckpt: Checkpoint, target: Target) -> None:
+    """llama.cpp's converter's hyper-parameter and tokenizer keys (renamed to the target's architecture), then the
+    target's MoE keys."""
+    conv_arch, conv_keys = converter_keys(ckpt.path)
+    skip = {"general.architecture", "general.file_type", "general.quantization_version"} | target.skip_keys()
+    for key, value, types in conv_keys:
+        if key.startswith(conv_arch + "."):
+            key = target.arch + key[len(conv_arch):]
+        elif not key.startswith(("general.", "tokenizer.")):
+            continue
+        if key in skip:
+            continue
+        _copy_key(writer, key, value, types)
+    target.write_keys(writer)

@@ -5,42 +5,29 @@ the shared expert (if any) is always added with weight 1.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .plan import MoEPlan, expert_tensors
+from .routers import log_norm_targets, router_scores
 
-ACTIVATIONS = {"silu": F.silu}
-
-
-def router_scores(kind: str, t: dict[str, torch.Tensor], x: torch.Tensor, act=F.silu,
-                  dtype: str = "f32") -> torch.Tensor:
-    """Router scores (T, E). ``dtype`` "f16" (matrices stored in f16): each product's input is rounded to f16 as
-    well, as llama.cpp's CPU backend converts the activations to the weights' type before the dot products."""
-    def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return (a.to(torch.float16).to(a.dtype) if dtype == "f16" else a) @ w.t()
-    if kind == "linear":
-        return mm(x, t["weight"])
-    if kind == "cmoe":
-        return (mm(x, t["up"]) * act(mm(x, t["gate"]))).abs()
-    if kind == "mlp":
-        return mm(torch.tanh(mm(x, t["w1"]) + t["b1"]), t["w2"]) + t["b2"]
-    raise ValueError(kind)
 
 
 class MoEMLP(nn.Module):
-    def __init__(self, plan: MoEPlan, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act: str = "silu",
+    def __init__(self, plan: MoEPlan, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act=F.silu,
                  oracle: bool | str = False):
         super().__init__()
-        self.plan = plan
+        self.plan = plan   # replaced, never changed, when fine-tuning trains or refits the router
         # oracle (torch reference only, an upper bound; not expressible in a GGUF), ignoring the router:
         # True / "expert": per token, the top_k experts whose outputs have the largest L2 norm;
         # "neuron": per token, the same number of neurons (shared + top_k * width) with the largest
         # |h_i| * ||W_down[:, i]||, over all of the plan's neurons: the ceiling of any expert grouping
         self.oracle = oracle
-        self.act = ACTIVATIONS[act]
+        self.act = act   # the model's MLP activation (Adapter.act)
         self.top_k = plan.top_k
         self.router_kind, self.router_dtype = plan.router.kind, plan.router.dtype
         for name, w in expert_tensors(plan, gate, up, down).items():
@@ -80,12 +67,20 @@ class MoEMLP(nn.Module):
 
     @torch.no_grad()
     def freeze_router(self) -> None:
-        """Back to plain router tensors; the trained values go into the plan, which the GGUF writer reads."""
+        """Back to plain router tensors; the trained values go into a new plan (``self.plan``), which
+        ``layer_plans`` hands to the writer."""
         if not self.router_trainable:
             return
         dtype = next(iter(self.router.values())).dtype
-        self.plan.router.tensors = {k: v.detach().float().numpy() for k, v in self.router.items()}
-        del self.router
+        self.set_router({k: v.detach().float().numpy() for k, v in self.router.items()}, dtype)
+
+    def set_router(self, tensors: dict, dtype: torch.dtype | None = None) -> None:
+        """Use new router tensors: a new plan with them (rounded to the plan's router dtype), and the module's own
+        copies as stored."""
+        dtype = dtype or self.gate_exps.dtype
+        self.plan = replace(self.plan, router=self.plan.router.with_tensors(tensors))
+        if hasattr(self, "router"):
+            del self.router
         self.router = {k: torch.as_tensor(v, dtype=dtype) for k, v in self.plan.router.tensors.items()}  # as stored
 
     def _all_experts(self, x: torch.Tensor, w: dict) -> torch.Tensor:
@@ -110,7 +105,6 @@ class MoEMLP(nn.Module):
         if self.router_kind in ("linear", "mlp"):
             # and keep predicting what the oracle ranks by, each expert's output norm, as the experts change
             # (the finegrained router's own target; the input detached so only the router fits it)
-            from .methods.finegrained import log_norm_targets
             target = log_norm_targets(y.detach().norm(dim=-1)).to(scores.dtype)
             pred = self.scores(x.detach())
             self.router_fit_loss = F.mse_loss(pred, target)
@@ -186,3 +180,9 @@ class MoEMLP(nn.Module):
         if self.has_shared:
             out = out + (self.act(x @ w["gate_shexp"].t()) * (x @ w["up_shexp"].t())) @ w["down_shexp"].t()
         return out.reshape(shape)
+
+
+def layer_plans(model) -> list[MoEPlan]:
+    """The plans of a torch reference model's MoE layers, in layer order: after fine-tuning, with the routers it
+    trained or refitted."""
+    return sorted((m.plan for m in model.modules() if isinstance(m, MoEMLP)), key=lambda p: p.layer)

@@ -8,7 +8,7 @@ weight exactly 1 ("unit" gate), as every seed method prescribes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -20,14 +20,20 @@ ROUTER_TYPE_IDS = {"linear": 0, "cmoe": 1, "mlp": 2}
 # router is ~7% of the bytes a token reads); biases stay f32. Values are rounded when set, so the torch reference
 # and the writer see the same numbers.
 ROUTER_DTYPES = ("f32", "f16")
+# What a file is written for: the patched llama.cpp (unit gates, any router, per-layer budgets), or an architecture
+# unmodified llama.cpp already runs (stock.py: deepseek with a shared expert, llama's Mixtral path, qwen3moe)
+TARGETS = ("patched", "stock-llama", "stock-deepseek", "stock-qwen3moe")
+SHARED_LAYOUTS = ("experts", "separate")
+LLAMA_MAX_EXPERTS = 1024   # llama.cpp's limit on expert_count at the pinned commit (llama-hparams.h)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Router:
     """kind "linear": weight (E, d); "cmoe": gate (E, d), up (E, d), score |up·x * act(gate·x)|;
     "mlp": w1 (H, d), b1 (H,), w2 (E, H), b2 (E,), score w2·tanh(w1·x + b1) + b2.
-    dtype: "f32", or "f16": every matrix holds f16 values (kept as float32 arrays); assigning ``tensors`` or
-    ``dtype`` rounds again, so a router trained or refitted later stays what the file stores."""
+    dtype: "f32", or "f16": every matrix holds f16 values (kept as float32 arrays), rounded on construction, so
+    what the torch reference computes with is what the file stores. A router is never changed in place: a trained
+    or refitted one is a new Router (``with_tensors``), a rounded one too (``with_dtype``)."""
     kind: str
     tensors: dict[str, np.ndarray]
     dtype: str = "f32"
@@ -35,16 +41,16 @@ class Router:
     def __post_init__(self):
         if self.kind not in ROUTER_KINDS:
             raise ValueError(f"unknown router kind {self.kind}")
+        if self.dtype not in ROUTER_DTYPES:
+            raise ValueError(f"unknown router dtype {self.dtype}")
+        object.__setattr__(self, "tensors", {k: _stored(np.ascontiguousarray(v, dtype=np.float32), self.dtype)
+                                             for k, v in self.tensors.items()})
 
-    def __setattr__(self, name, value):
-        if name == "dtype" and value not in ROUTER_DTYPES:
-            raise ValueError(f"unknown router dtype {value}")
-        if name == "tensors":
-            value = {k: _stored(np.ascontiguousarray(v, dtype=np.float32), getattr(self, "dtype", "f32"))
-                     for k, v in value.items()}
-        object.__setattr__(self, name, value)
-        if name == "dtype" and hasattr(self, "tensors"):
-            self.tensors = self.tensors
+    def with_dtype(self, dtype: str) -> "Router":
+        return self if dtype == self.dtype else Router(self.kind, self.tensors, dtype)
+
+    def with_tensors(self, tensors: dict[str, np.ndarray]) -> "Router":
+        return Router(self.kind, tensors, self.dtype)
 
 
 def _stored(arr: np.ndarray, dtype: str) -> np.ndarray:
@@ -52,7 +58,7 @@ def _stored(arr: np.ndarray, dtype: str) -> np.ndarray:
     return arr.astype(np.float16).astype(np.float32) if dtype == "f16" and arr.ndim == 2 else arr
 
 
-@dataclass
+@dataclass(frozen=True)
 class MoEPlan:
     layer: int
     d_ff: int                          # dense intermediate size
@@ -70,8 +76,8 @@ class MoEPlan:
     expert_scale: float = 1.0
 
     def __post_init__(self):
-        self.experts = np.asarray(self.experts, dtype=np.int64)
-        self.shared = np.asarray(self.shared, dtype=np.int64)
+        object.__setattr__(self, "experts", np.asarray(self.experts, dtype=np.int64))
+        object.__setattr__(self, "shared", np.asarray(self.shared, dtype=np.int64))
         if self.experts.ndim != 2 or self.experts.shape[1] == 0:
             raise ValueError("experts must be a non-empty (E, width) index array")
         if self.gating not in ("unit", "softmax"):
@@ -104,6 +110,83 @@ class MoEPlan:
         return {"experts": self.n_experts, "expert_width": self.expert_width, "top_k": self.top_k,
                 "shared_width": self.shared_width, "router": self.router.kind,
                 "active_fraction": round(self.active_fraction(), 6), **gating, **self.info}
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """A whole file: every layer's plan and what the file is for. Built once (``convert.make_plans``), validated
+    here, then read by the torch reference, the writers and the reports; never changed (``with_layers`` returns a
+    new one, e.g. after fine-tuning). Iterating it, indexing it and ``len`` give the layer plans.
+
+    target: ``TARGETS``; shared_layout (patched target): the shared expert as always-selected routed experts where
+    the widths allow it ("experts", ``n_shared_as_experts``) or in its own tensors ("separate"); router_dtype: the
+    type of every router matrix in the file; provenance: what made the file (written as gguf_moeify.provenance)."""
+    layers: tuple[MoEPlan, ...]
+    target: str = "patched"
+    shared_layout: str = "experts"
+    router_dtype: str = "f32"
+    provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if not self.layers:
+            raise ValueError("a model plan needs at least one layer")
+        if self.target not in TARGETS:
+            raise ValueError(f"unknown target {self.target}")
+        if self.shared_layout not in SHARED_LAYOUTS:
+            raise ValueError(f"unknown shared layout {self.shared_layout}")
+        stock = self.target != "patched"
+        first = self.layers[0]
+        for i, p in enumerate(self.layers):
+            if p.layer != i:
+                raise ValueError(f"plan {i} is for layer {p.layer}")
+            if p.router.dtype != self.router_dtype:
+                raise ValueError(f"layer {i}: router dtype {p.router.dtype}, the file's is {self.router_dtype}")
+            if (p.gating == "softmax") != stock:
+                raise ValueError(f"layer {i}: {p.gating} gating in a file for {self.target}")
+            # llama.cpp reads one expert count, shared width and router kind per file; the expert width may differ
+            # per layer in the patched runtime (expert_feed_forward_length as a per-layer array, patch 0002) only
+            if (p.n_experts, p.shared_width, p.router.kind) != (first.n_experts, first.shared_width,
+                                                                 first.router.kind) \
+                    or (stock and p.expert_width != first.expert_width):
+                raise ValueError(f"layer {p.layer} has a different expert layout than layer 0")
+
+    @classmethod
+    def build(cls, layers, target: str = "patched", shared_layout: str = "experts", router_dtype: str = "f32",
+              provenance: dict | None = None) -> "ModelPlan":
+        """From the method's layer plans: routers rounded to ``router_dtype`` (calibration ran with f32 ones)."""
+        layers = [replace(p, router=p.router.with_dtype(router_dtype)) for p in layers]
+        return cls(tuple(layers), target, shared_layout, router_dtype, dict(provenance or {}))
+
+    def with_layers(self, layers) -> "ModelPlan":
+        return replace(self, layers=tuple(layers))
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    @property
+    def stock(self) -> bool:
+        return self.target != "patched"
+
+    def n_shared_as_experts(self) -> int:
+        """How many routed-expert slots the shared expert takes in a patched-runtime file, or 0 to keep it apart.
+
+        The shared expert is written as n always-selected experts (the first n of ``ffn_gate_up_exps`` /
+        ``ffn_down_exps``, selection bias ``exp_probs_b``), so a layer runs one expert FFN instead of two (patch
+        0013): with shared_layout "experts", when every layer's shared width is n times its expert width, with the
+        same n in every layer (the expert count is one number per file)."""
+        if self.stock or self.shared_layout != "experts" or not all(p.shared_width for p in self.layers):
+            return 0
+        counts = {p.shared_width // p.expert_width if p.shared_width % p.expert_width == 0 else 0
+                  for p in self.layers}
+        n = counts.pop() if len(counts) == 1 else 0
+        return n if self.layers[0].n_experts + n <= LLAMA_MAX_EXPERTS else 0
 
 
 def _take_rows(w: torch.Tensor, idx: np.ndarray) -> torch.Tensor:

@@ -29,7 +29,7 @@ def moeify_(model, adapter: Adapter, plans: list[MoEPlan]) -> None:
         dense = layer.get_submodule(mlp_path)
         with torch.no_grad():
             moe = MoEMLP(plan, getattr(dense, gate_attr).weight, getattr(dense, up_attr).weight,
-                         getattr(dense, down_attr).weight)
+                         getattr(dense, down_attr).weight, act=adapter.act)
         setattr(layer, mlp_path, moe)
 
 

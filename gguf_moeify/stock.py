@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .linalg import ridge_least_squares
 from .plan import MoEPlan, Router
+from .routers import fit_linear_to_scores, router_scores
 
 DELTA = 1e-2
 RUNTIMES = ("patched", "stock")
@@ -87,15 +87,14 @@ def overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
     return float((_topk_sets(a, k) & _topk_sets(b, k)).sum(1).double().mean() / k)
 
 
-def stock_form(plan: MoEPlan, adapter_name: str, x: torch.Tensor | None) -> MoEPlan:
+def stock_form(plan: MoEPlan, adapter_name: str, x: torch.Tensor | None, act=torch.nn.functional.silu) -> MoEPlan:
     """``stockify`` for the stock architecture this plan's source and shared expert map to."""
-    return stockify(plan, stock_target(adapter_name, plan.shared_width > 0), x)
+    return stockify(plan, stock_target(adapter_name, plan.shared_width > 0), x, act)
 
 
 def stockify(plan: MoEPlan, target: StockTarget, x: torch.Tensor | None, act=torch.nn.functional.silu) -> MoEPlan:
     """The plan as stock llama.cpp computes it: linear router (fitted if need be), epsilon-scaled logits, softmax
     gating, folded expert scale. ``x``: the layer's calibration MLP inputs (T, d), or None for data-free plans."""
-    from .moe_torch import router_scores
     E, k = plan.n_experts, plan.top_k
     info = dict(plan.info)
     scale = float(k if target.norm_weights else E)
@@ -121,7 +120,7 @@ def stockify(plan: MoEPlan, target: StockTarget, x: torch.Tensor | None, act=tor
     if plan.router.kind == "linear":
         weight = plan.router.tensors["weight"]
     else:
-        weight = ridge_least_squares(x[~held], original[~held])
+        weight = fit_linear_to_scores(x[~held], original[~held])
     logits = x @ torch.from_numpy(weight).t()
     if target.norm_weights:
         chosen = torch.topk(logits, k, dim=1).values

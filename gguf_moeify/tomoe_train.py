@@ -104,8 +104,9 @@ def hard_gumbel_softmax(logits: torch.Tensor, gen: torch.Generator, noise: float
 class MaskedMLP(nn.Module):
     """A dense SwiGLU MLP (weights borrowed, frozen) with ToMoE's router and per-token expert mask."""
 
-    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, router: nn.Linear):
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, router: nn.Linear, act=F.silu):
         super().__init__()
+        self.act = act
         self.gate, self.up, self.down = gate, up, down     # plain tensors: not parameters of this module
         self.router = router
         self.masks: torch.Tensor | None = None             # (E, d_ff), set by the trainer before each forward
@@ -115,7 +116,7 @@ class MaskedMLP(nn.Module):
         self.record: dict = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(x @ self.gate.t()) * (x @ self.up.t())
+        h = self.act(x @ self.gate.t()) * (x @ self.up.t())
         if self.teacher:
             return h @ self.down.t()
         flat = x.reshape(-1, x.shape[-1])
@@ -150,7 +151,7 @@ class ToMoEModel:
             with torch.no_grad():
                 router.weight.copy_(torch.randn(router.weight.shape, generator=gen) / math.sqrt(gate.shape[1]))
             routers.append(router)
-            masked = MaskedMLP(gate, up, down, router)
+            masked = MaskedMLP(gate, up, down, router, adapter.act)
             setattr(layer, mlp_path, masked)
             self.layers.append(masked)
         self.d_ff = self.layers[0].gate.shape[0]

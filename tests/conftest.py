@@ -32,18 +32,22 @@ def smollm2_dir() -> Path:
     return build_smollm2_folder(cache_root() / "models" / "smollm2-135m")
 
 
-@pytest.fixture(scope="session")
-def spm_tokenizer_dir(tmp_path_factory) -> Path:
-    """A small SentencePiece tokenizer (vocab 512) trained here on the calibration novel: the SentencePiece path of
-    the tokenizer export, and a tokenizer that every model_type's HF tokenizer class accepts."""
+def build_spm_tokenizer(d: Path) -> Path:
+    """A small SentencePiece tokenizer (vocab 512) trained in ``d`` on the evaluation excerpt: the SentencePiece path
+    of the tokenizer export, and a tokenizer that every model_type's HF tokenizer class accepts."""
     import sentencepiece as spm
-    d = tmp_path_factory.mktemp("spm")
+    d.mkdir(parents=True, exist_ok=True)
     text = eval_text_path().read_text(encoding="utf-8")[:200_000]
     (d / "train.txt").write_text(text, encoding="utf-8")
     spm.SentencePieceTrainer.train(input=str(d / "train.txt"), model_prefix=str(d / "tokenizer"), vocab_size=512,
                                    model_type="bpe", num_threads=1, bos_id=1, eos_id=2, unk_id=0,
                                    minloglevel=2, byte_fallback=True)
     return d
+
+
+@pytest.fixture(scope="session")
+def spm_tokenizer_dir(tmp_path_factory) -> Path:
+    return build_spm_tokenizer(tmp_path_factory.mktemp("spm"))
 
 
 def make_tiny_model(arch: str, dest: Path, tokenizer_dir: Path, seed: int = 0, shard: bool = False,
@@ -75,13 +79,16 @@ def make_tiny_model(arch: str, dest: Path, tokenizer_dir: Path, seed: int = 0, s
     return dest
 
 
-@pytest.fixture(scope="session")
-def tiny_models(smollm2_dir, spm_tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
+def build_tiny_models(root: Path, smollm2: Path, spm_dir: Path, archs=ARCHS) -> dict[str, Path]:
     """llama/mistral carry SmolLM2's BPE tokenizer; qwen2/qwen3 a SentencePiece one (transformers 5 forces the
     Qwen2 tokenizer class on model_type qwen*, whose pre-tokenizer llama.cpp cannot identify on a foreign vocab)."""
-    root = tmp_path_factory.mktemp("tiny")
-    tok = {"llama": smollm2_dir, "mistral": smollm2_dir, "qwen2": spm_tokenizer_dir, "qwen3": spm_tokenizer_dir}
-    return {arch: make_tiny_model(arch, root / arch, tok[arch], seed=i) for i, arch in enumerate(ARCHS)}
+    tok = {"llama": smollm2, "mistral": smollm2, "qwen2": spm_dir, "qwen3": spm_dir}
+    return {arch: make_tiny_model(arch, root / arch, tok[arch], seed=ARCHS.index(arch)) for arch in archs}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(smollm2_dir, spm_tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
+    return build_tiny_models(tmp_path_factory.mktemp("tiny"), smollm2_dir, spm_tokenizer_dir)
 
 
 def llama_cpp_or_skip(variant: str):

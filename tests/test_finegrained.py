@@ -2,6 +2,8 @@
 neurons, exactness with every expert active, and a trained router that finds the oracle's experts."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -32,7 +34,7 @@ def test_partition_shared_and_exactness(router):
     again = plan_layer(0, gate, up, down, opts, LayerCalib(x=x))
     assert np.array_equal(plan.experts, again.experts)
     assert all(np.array_equal(plan.router.tensors[k], again.router.tensors[k]) for k in plan.router.tensors)
-    plan.top_k = plan.n_experts
+    plan = replace(plan, top_k=plan.n_experts)
     dense = (torch.nn.functional.silu(x @ gate.t()) * (x @ up.t())) @ down.t()
     assert torch.allclose(MoEMLP(plan, gate, up, down)(x), dense, rtol=1e-4, atol=1e-4)
 
@@ -71,7 +73,7 @@ def test_recall_at_k_is_the_share_of_the_oracle_top_k_found():
 
 def test_default_shape_is_32_neuron_experts_within_llama_cpp_limit():
     from gguf_moeify.methods import resolve_options
-    from gguf_moeify.methods.finegrained import default_experts
+    from gguf_moeify.sizing import fine_experts as default_experts
     assert default_experts(1536) == 48          # SmolLM2
     assert default_experts(11008) == 344        # Llama-2-7B
     assert default_experts(28672) == 448        # width 64: 896 experts of 32 would exceed 512

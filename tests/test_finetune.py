@@ -1,6 +1,8 @@
 """--finetune lora: training lowers the held-out loss, merging is exact, and the GGUF carries the merged weights."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from gguf_moeify.convert import make_plans
 from gguf_moeify.finetune import (LoRALinear, LoRAOptions, LowRankDelta, attach_lora, decoder_layers,
                                   finetune_lora, merge_lora)
 from gguf_moeify.methods import MethodOptions
-from gguf_moeify.moe_torch import MoEMLP
+from gguf_moeify.moe_torch import MoEMLP, layer_plans
 from gguf_moeify.plan import expert_tensors
 from gguf_moeify.reference import load_dense, moeify_
 from gguf_moeify.rope_layout import permute_qk
@@ -71,8 +73,8 @@ def test_training_lowers_held_out_loss_and_the_gguf_carries_the_merged_weights(t
     assert info["steps"] == 24 and info["train_windows"] == 8 and info["held_out_windows"] == 1
     assert info["held_out_loss_best"] < info["held_out_loss_start"] - 0.05, info
     out = tmp_path / "tuned.gguf"
-    write_gguf(out, ckpt, adapter, plans, "f32", {"test": True}, progress=False,
-               overrides=finetuned_overrides(model, adapter, ckpt.n_layers))
+    write_gguf(out, ckpt, adapter, replace(plans.with_layers(layer_plans(model)), provenance={"test": True}), "f32",
+               progress=False, overrides=finetuned_overrides(model, adapter, ckpt.n_layers))
     tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(out).tensors}
     layer = model.model.layers[1]
     q = layer.self_attn.q_proj.weight.detach()
@@ -149,8 +151,9 @@ def test_kd_refuses_plans_that_drop_neurons(tiny_models):
     from gguf_moeify.errors import UserError
     from gguf_moeify.finetune import keeps_every_neuron_once
     ckpt, adapter, plans, model = _finegrained_model(tiny_models["llama"])
-    plans[1].experts = plans[1].experts.copy()
-    plans[1].experts[0, 0] = -1        # one neuron dropped (as pruning or ToMoE's unused neurons do)
+    experts = plans[1].experts.copy()
+    experts[0, 0] = -1        # one neuron dropped (as pruning or ToMoE's unused neurons do)
+    plans = plans.with_layers([plans[0], replace(plans[1], experts=experts)])
     assert keeps_every_neuron_once(plans[0]) and not keeps_every_neuron_once(plans[1])
     moeify_(model, adapter, plans)
     with pytest.raises(UserError, match="layer 1 drops"):
@@ -196,11 +199,11 @@ def test_kd_with_router_training_lowers_held_out_loss_and_writes_the_trained_rou
     info = finetune_lora(model, ckpt, adapter, None, opts, progress=False)
     assert info["loss"] == "kd" and info["router"] == "ste"
     assert info["held_out_loss_best"] < info["held_out_loss_start"] - 0.05, info
-    after = plans[1].router.tensors["weight"]
+    after = layer_plans(model)[1].router.tensors["weight"]   # the trained router, in a new plan
     assert np.abs(after - before).max() > 1e-4
     out = tmp_path / "kd.gguf"
-    write_gguf(out, ckpt, adapter, plans, "f32", {"test": True}, progress=False,
-               overrides=finetuned_overrides(model, adapter, ckpt.n_layers))
+    write_gguf(out, ckpt, adapter, replace(plans.with_layers(layer_plans(model)), provenance={"test": True}), "f32",
+               progress=False, overrides=finetuned_overrides(model, adapter, ckpt.n_layers))
     tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(out).tensors}
     n = plans[1].shared_width // plans[1].expert_width   # the shared expert's always-selected slots come first
     assert np.array_equal(tensors["blk.1.ffn_gate_inp.weight"][n:], after)
@@ -208,7 +211,7 @@ def test_kd_with_router_training_lowers_held_out_loss_and_writes_the_trained_rou
 
 def test_refit_routers_fit_each_layer_on_the_inputs_its_refitted_predecessors_give(tiny_models):
     from gguf_moeify.finetune import refit_routers
-    from gguf_moeify.methods.finegrained import fit_linear_router, log_norm_targets
+    from gguf_moeify.routers import fit_linear_router, log_norm_targets
     ckpt, adapter, plans, model = _finegrained_model(tiny_models["mistral"])
     moeify_(model, adapter, plans)
     moes = [m for m in model.modules() if isinstance(m, MoEMLP)]

@@ -144,18 +144,41 @@ def test_shared_expert_written_as_always_selected_experts(tiny_models, tmp_path)
 
 
 def test_shared_as_experts_only_when_the_widths_divide():
-    from gguf_moeify.gguf_writer import shared_as_experts
-    from gguf_moeify.plan import MoEPlan, Router
+    from gguf_moeify.plan import ModelPlan, MoEPlan, Router
 
-    def plan(width, shared, gating="unit"):
+    def plans(*layers, gating="unit", layout="experts"):
         router = Router("linear", {"weight": np.zeros((4, 8))})
-        return MoEPlan(0, 1024, np.arange(4 * width).reshape(4, width), 2, router,
-                       shared=np.arange(512, 512 + shared), gating=gating)
-    assert shared_as_experts([plan(32, 96), plan(32, 96)]) == 3
-    assert shared_as_experts([plan(32, 0)]) == 0                         # no shared expert
-    assert shared_as_experts([plan(64, 96)]) == 0                        # 96 is not a multiple of 64
-    assert shared_as_experts([plan(32, 64), plan(64, 64)]) == 0          # 2 experts in one layer, 1 in the next
-    assert shared_as_experts([plan(32, 64, gating="softmax")]) == 0      # --runtime stock keeps its own layout
+        target = "patched" if gating == "unit" else "stock-deepseek"
+        return ModelPlan([MoEPlan(i, 1024, np.arange(4 * width).reshape(4, width), 2, router,
+                                  shared=np.arange(512, 512 + shared), gating=gating)
+                          for i, (width, shared) in enumerate(layers)], target, layout)
+    assert plans((32, 96), (32, 96)).n_shared_as_experts() == 3
+    assert plans((32, 96), (32, 96), layout="separate").n_shared_as_experts() == 0   # asked to keep it apart
+    assert plans((32, 0)).n_shared_as_experts() == 0                         # no shared expert
+    assert plans((64, 96)).n_shared_as_experts() == 0                        # 96 is not a multiple of 64
+    assert plans((32, 64), (64, 64)).n_shared_as_experts() == 0              # 2 experts in one layer, 1 in the next
+    assert plans((32, 64), gating="softmax").n_shared_as_experts() == 0      # --runtime stock keeps its own layout
+
+
+def test_model_plan_refuses_what_one_file_cannot_hold():
+    from gguf_moeify.plan import ModelPlan, MoEPlan, Router
+
+    def layer(i, n_exp=4, width=8, gating="unit", dtype="f32"):
+        router = Router("linear", {"weight": np.ones((n_exp, 8)) / 3}, dtype)
+        return MoEPlan(i, 64, np.arange(n_exp * width).reshape(n_exp, width), 2, router, gating=gating)
+    ModelPlan([layer(0), layer(1, width=4)])                  # per-layer expert widths: the patched runtime reads them
+    for layers, target, match in (([layer(0), layer(1, n_exp=8)], "patched", "different expert layout"),
+                                  ([layer(0, gating="softmax"), layer(1, width=4, gating="softmax")], "stock-llama",
+                                   "different expert layout"),
+                                  ([layer(0), layer(0)], "patched", "is for layer 0"),
+                                  ([layer(0)], "stock-llama", "unit gating"),
+                                  ([layer(0, dtype="f16")], "patched", "router dtype")):
+        with pytest.raises(ValueError, match=match):
+            ModelPlan(layers, target)
+    built = ModelPlan.build([layer(0)], router_dtype="f16")   # rounds the routers, returns new plans
+    assert built[0].router.dtype == "f16" and built[0].router.tensors["weight"][0, 0] == np.float16(1 / 3)
+    with pytest.raises(Exception):
+        built[0].top_k = 1                                    # frozen: a change is a new plan
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -13,6 +13,7 @@ Skipped with the build command when build/llama-cpp/bin is missing (scripts/test
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 import subprocess
 import sys
 
@@ -27,7 +28,7 @@ from gguf_moeify.evaluate import perplexity
 from gguf_moeify.llama_cpp import read_saved_tokens, relative_difference
 from gguf_moeify.llama_cpp_source import llama_cpp_source
 from gguf_moeify.methods import MethodOptions
-from gguf_moeify.plan import Router
+from gguf_moeify.plan import ModelPlan, Router
 from gguf_moeify.reference import load_dense, logits_fn, moeify_
 
 from conftest import ARCHS, calib_text_path, eval_text_path
@@ -54,10 +55,17 @@ def _dense_reference_gguf(model_dir, out):
 def _write(model_dir, plans_fn, out, opts=None):
     ckpt = Checkpoint(model_dir)
     adapter = adapter_for(ckpt.config)
-    plans = plans_fn(ckpt, adapter)
+    plans = as_model_plan(plans_fn(ckpt, adapter))
     write_model_file(ckpt, adapter, plans, out, "f32", provenance(ckpt, "test", opts or MethodOptions(), "f32",
                                                                   "float32"), progress=False)
     return ckpt, adapter, plans
+
+
+def as_model_plan(plans) -> ModelPlan:
+    """Layer plans edited by a test -> the file's plan (patched target, router dtype of the layers)."""
+    if isinstance(plans, ModelPlan):
+        return plans
+    return ModelPlan.build(plans, router_dtype=plans[0].router.dtype)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -96,6 +104,7 @@ def _routed_plans(kind: str, top_k: int, experts: int = 8, shared: int = 1):
         plans = make_plans(ckpt, adapter, "mlpmoe", MethodOptions(experts=experts, shared=shared), progress=False)
         rng = np.random.default_rng(7)
         d = ckpt.n_embd
+        out = []
         for p in plans:
             e = p.n_experts
             if kind == "linear":
@@ -105,9 +114,8 @@ def _routed_plans(kind: str, top_k: int, experts: int = 8, shared: int = 1):
             else:
                 t = {"w1": rng.standard_normal((e, d)) / np.sqrt(d), "b1": rng.standard_normal(e) * 0.1,
                      "w2": rng.standard_normal((e, e)), "b2": rng.standard_normal(e) * 0.1}
-            p.router = Router(kind, t)
-            p.top_k = top_k
-        return plans
+            out.append(replace(p, router=Router(kind, t), top_k=top_k))
+        return out
     return make
 
 
@@ -155,13 +163,14 @@ def test_f16_router_parity_with_torch_reference(tools, tiny_models, text_file, t
     unrounded = []
 
     def make(ckpt, adapter):
-        plans = routed(ckpt, adapter)
-        for p in plans:
+        plans = []
+        for p in routed(ckpt, adapter):
             if kind == "linear":
                 w = p.router.tensors["weight"]
-                p.router.tensors = {"weight": w + 1000 * np.random.default_rng(p.layer).standard_normal(w.shape[1])}
+                p = replace(p, router=p.router.with_tensors(
+                    {"weight": w + 1000 * np.random.default_rng(p.layer).standard_normal(w.shape[1])}))
             unrounded.append(copy.deepcopy(p))
-            p.router.dtype = "f16"
+            plans.append(replace(p, router=p.router.with_dtype("f16")))
         return plans
 
     out = tmp_path / "moe.gguf"
@@ -211,10 +220,7 @@ def test_per_layer_budget_parity_with_torch_reference(tools, tiny_models, text_f
     uniform = _routed_plans("mlp", top_k=2)
 
     def make(ckpt, adapter):
-        plans = uniform(ckpt, adapter)
-        for p, k in zip(plans, ks):
-            p.top_k = k
-        return plans
+        return [replace(p, top_k=k) for p, k in zip(uniform(ckpt, adapter), ks)]
 
     out = tmp_path / "moe.gguf"
     ckpt, adapter, plans = _write(tiny_models[arch], make, out)

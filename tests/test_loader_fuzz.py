@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import gguf
@@ -30,6 +30,7 @@ from gguf_moeify.file_contract import check_file
 from gguf_moeify.gguf_writer import _copy_key
 from gguf_moeify.llama_cpp import parse_perplexity_output, relative_difference
 from gguf_moeify.methods import MethodOptions
+from gguf_moeify.plan import ModelPlan
 
 from conftest import make_tiny_model
 from test_llama_cpp_parity import _dense_reference_gguf, _routed_plans, _write
@@ -231,15 +232,14 @@ def bases(tiny, tmp_path_factory) -> dict[str, Path]:
 
     def qwen3_plans(ckpt, adapter):   # per-layer budgets: expert_used_count is an array
         plans = per_layer(ckpt, adapter)
-        plans[1].top_k = 3
-        return plans
+        return [plans[0], replace(plans[1], top_k=3)]
 
     _write(tiny[Q], qwen3_plans, root / "qwen3.gguf")
     ckpt = Checkpoint(tiny[L])
     adapter = adapter_for(ckpt.config)
-    write_model_file(ckpt, adapter, _routed_plans("mlp", top_k=2)(ckpt, adapter), root / "llama.gguf", "f32",
-                     provenance(ckpt, "test", MethodOptions(), "f32", "float32"), progress=False,
-                     shared_as_routed=False)
+    plan = ModelPlan.build(_routed_plans("mlp", top_k=2)(ckpt, adapter), shared_layout="separate")
+    write_model_file(ckpt, adapter, plan, root / "llama.gguf", "f32",
+                     provenance(ckpt, "test", MethodOptions(), "f32", "float32"), progress=False)
     return {"qwen3": root / "qwen3.gguf", "llama": root / "llama.gguf"}
 
 

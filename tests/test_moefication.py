@@ -12,8 +12,9 @@ from gguf_moeify.calibration import LayerCalib
 from gguf_moeify.checkpoint import Checkpoint
 from gguf_moeify.convert import convert, make_plans
 from gguf_moeify.methods import MethodOptions
-from gguf_moeify.methods.moefication import plan_layer, train_mlp_router
-from gguf_moeify.moe_torch import MoEMLP, router_scores
+from gguf_moeify.methods.moefication import plan_layer
+from gguf_moeify.moe_torch import MoEMLP
+from gguf_moeify.routers import router_scores, train_mlp_router
 from gguf_moeify.reference import load_dense, logits_fn, moeify_
 
 from gguf_moeify.bundled import EVAL_EXCERPT

@@ -3,33 +3,9 @@
 every layer's plan); this registry is the only place that lists them."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from ..errors import UserError
-
-
-@dataclass
-class MethodOptions:
-    experts: int | None = 8     # E: total experts, shared ones included (CMoE's z); None = the method's default
-    shared: int | None = 0      # S: experts merged into the always-on shared expert (CMoE's x); None = default
-    top_k: int | None = None    # routed experts per token (CMoE's y); None = the method's default
-    variant: str = "slice"      # MLPMoE: slice | fractal-fade | compensated-pruning
-    keep: float | None = None   # MLPMoE variants: fraction of MLP neurons kept
-    calib: str | None = None    # data-driven methods: text file, folder of .txt, or "wikitext2"
-    calib_samples: int = 8      # calibration windows
-    calib_seqlen: int = 2048    # tokens per window (capped at the model's context)
-    seed: int = 0               # calibration windows, k-means initialisation, router training
-    layer_budget: str = "uniform"   # "sensitivity": per-layer top-k from measured error curves (same average)
-    runtime: str = "patched"        # "stock": plans expressed for unmodified llama.cpp (stock.py)
-    shared_layout: str = "experts"  # patched runtime: shared expert as always-selected experts, or "separate"
-    router_dtype: str = "f32"       # "f16": router matrices stored (and computed) in f16 (plan.ROUTER_DTYPES)
-    active: float | None = None     # fraction of MLP neurons per token: E/S/K (experts/shared/top_k left None) from
-                                    # d_ff and this fraction (sizing.expert_layout); None: the methods' own defaults
-    extra: dict = field(default_factory=dict)   # method-specific: cmoe "ka"; moefication "split", "router"
-
-    @property
-    def routed(self) -> int:
-        return self.experts - self.shared
+from ..sizing import default_experts_for, default_shared_for, expert_layout
+from .options import MethodOptions, check_common  # noqa: F401  (the package's public names)
 
 
 def _registry():
@@ -45,9 +21,8 @@ def resolve_options(name: str, opts: MethodOptions, d_ff: int) -> MethodOptions:
     (``sizing.expert_layout``; shared and top-k given explicitly win, and a top-k then keeps the fraction), else
     with the method's defaults for this d_ff (8 experts, no shared expert, unless the method says otherwise)."""
     from dataclasses import replace
-    method = get_method(name)
+    get_method(name)
     if opts.active is not None:
-        from ..sizing import expert_layout
         experts, shared, top_k = expert_layout(name, d_ff, opts.active, opts.experts)
         if name == "tomoe":   # the fraction is its trained budget; top-1 of E masks
             extra = {"budget": opts.active, **opts.extra}
@@ -57,12 +32,8 @@ def resolve_options(name: str, opts: MethodOptions, d_ff: int) -> MethodOptions:
             top_k = max(1, round(opts.active * experts) - opts.shared)
         return replace(opts, experts=experts, shared=shared if opts.shared is None else opts.shared,
                        top_k=top_k if opts.top_k is None else opts.top_k)
-    experts = opts.experts
-    if experts is None:
-        experts = method.default_experts(d_ff) if hasattr(method, "default_experts") else 8
-    shared = opts.shared
-    if shared is None:
-        shared = method.default_shared(experts) if hasattr(method, "default_shared") else 0
+    experts = default_experts_for(name, d_ff) if opts.experts is None else opts.experts
+    shared = default_shared_for(name, experts) if opts.shared is None else opts.shared
     return replace(opts, experts=experts, shared=shared)
 
 
@@ -71,20 +42,3 @@ def get_method(name: str):
     if name not in methods:
         raise UserError(f"unknown --method {name!r}; available: {', '.join(methods)}")
     return methods[name]
-
-
-def check_common(opts: MethodOptions, d_ff: int) -> None:
-    """Checks every method shares: expert counts, shared experts, top-k, divisibility of d_ff."""
-    if opts.experts < 1:
-        raise UserError(f"--experts must be >= 1, got {opts.experts}")
-    if opts.shared < 0 or opts.shared >= opts.experts:
-        raise UserError(f"--shared {opts.shared} must be >= 0 and < --experts {opts.experts} "
-                        f"(at least one routed expert is needed)")
-    if d_ff % opts.experts:
-        near = sorted({e for e in range(1, min(d_ff, 4 * opts.experts) + 1) if d_ff % e == 0},
-                      key=lambda e: abs(e - opts.experts))[:4]
-        raise UserError(f"--experts {opts.experts} does not divide the intermediate size {d_ff}; "
-                        f"try one of {', '.join(map(str, sorted(near)))}")
-    if opts.top_k is not None and not 1 <= opts.top_k <= opts.routed:
-        raise UserError(f"--top-k {opts.top_k} must be between 1 and the number of routed experts {opts.routed} "
-                        f"(= --experts {opts.experts} - --shared {opts.shared})")

@@ -35,9 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..sizing import active_fraction_default
 from ..plan import MoEPlan, Router
 from ..timing import phase
-from . import MethodOptions, check_common
+from .options import MethodOptions, check_common
 from ._balanced import balanced_assign, groups
 
 NAME = "cmoe"
@@ -55,7 +56,6 @@ def parse_config(text: str) -> tuple[int, int, int]:
 
 
 def default_top_k(opts: MethodOptions) -> int:
-    from ..calibration import active_fraction_default
     return active_fraction_default(opts.experts, opts.shared)
 
 
@@ -71,14 +71,14 @@ def validate(opts: MethodOptions, d_ff: int) -> None:
 
 
 @torch.no_grad()
-def activation_markers(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, ka: int) -> torch.Tensor:
+def activation_markers(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, ka: int, act=F.silu) -> torch.Tensor:
     """(T, d_ff) bool: the top-``ka`` neurons by |h| of each token, h from normalised x and weight rows."""
     g = F.normalize(gate.float(), dim=1)
     u = F.normalize(up.float(), dim=1)
     out = torch.zeros(x.shape[0], gate.shape[0], dtype=torch.bool)
     for s in range(0, x.shape[0], CHUNK):
         xn = F.normalize(x[s:s + CHUNK].float(), dim=1)
-        h = F.silu(xn @ g.t()) * (xn @ u.t())
+        h = act(xn @ g.t()) * (xn @ u.t())
         out[s:s + CHUNK].scatter_(1, torch.topk(h.abs(), ka, dim=1).indices, True)
     return out
 
@@ -127,7 +127,7 @@ def plan_layer(layer: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Ten
     ka = int(opts.extra.get("ka", DEFAULT_KA))
     top_k = opts.top_k if opts.top_k is not None else default_top_k(opts)
     with phase("statistics"):
-        markers = activation_markers(stats.x, gate, up, ka)
+        markers = activation_markers(stats.x, gate, up, ka, stats.act)
     with phase("partition"):
         shared, experts, reps, rates = build_experts(markers, opts.experts, opts.shared)
     rep_t = torch.as_tensor(reps)

@@ -29,7 +29,7 @@ MLP inputs x (layer-sequential, like CMoE/MoEfication):
    Router recall@k against the oracle on the held-out 10% of calibration tokens is recorded in the plan's info.
 5. Gates exactly 1, as every seed method.
 
-Defaults: E = d_ff / 32 (``default_experts``), S = E / 6, top-k: the number of routed experts bringing (S + k) / E
+Defaults: E = d_ff / 32 (``sizing.fine_experts``), S = E / 6, top-k: the number of routed experts bringing (S + k) / E
 nearest 50%.
 """
 from __future__ import annotations
@@ -39,18 +39,19 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..sizing import active_fraction_default
 from ..plan import MoEPlan, Router
 from ..timing import phase
-from . import MethodOptions, check_common
+from .options import MethodOptions, check_common
 from ._balanced import balanced_kmeans, groups
 from ._spectral import coactivation_counts, spectral_embedding, top_marks
+from ..routers import fit_linear_router, log_norm_targets, router_scores, train_mlp_router
 
 NAME = "finegrained"
 needs_calibration = True
 STATS = ("weighted", "activation")
 ROUTERS = ("linear", "mlp")
 DEFAULT_HIDDEN = 256
-MAX_EXPERTS = 512      # older llama.cpp builds' LLAMA_MAX_EXPERTS (the pinned commit allows 1024)
 CHUNK = 4096
 MIN_MARK_FRACTION = 0.05
 HELDOUT = 0.1
@@ -72,38 +73,22 @@ def validate(opts: MethodOptions, d_ff: int) -> None:
         raise UserError("--variant/--keep apply to mlpmoe only")
 
 
-def default_experts(d_ff: int) -> int:
-    """Experts of 32 neurons (the q4_0/q8_0 block, so ffn_down_exps quantizes), widened by multiples of 32 while
-    E would exceed 512 (so older llama.cpp builds load the file too); d_ff not a multiple of 32: the largest
-    divisor of d_ff up to 512 with width >= 32 (its down tensors then fall back to f16)."""
-    for width in range(32, d_ff + 1, 32):
-        if d_ff % width == 0 and d_ff // width <= MAX_EXPERTS:
-            return d_ff // width
-    return max(e for e in range(1, min(MAX_EXPERTS, d_ff // 32 or 1) + 1) if d_ff % e == 0)
-
-
-def default_shared(experts: int) -> int:
-    """One sixth of the experts (measured on SmolLM2 at 50% active, E=48: S=8 beat S=0, 4 and 16)."""
-    return max(1, round(experts / 6)) if experts >= 3 else 0
-
-
 def default_top_k(opts: MethodOptions) -> int:
-    from ..calibration import active_fraction_default
     return active_fraction_default(opts.experts, opts.shared)
 
 
-def _h_chunks(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, chunk: int = CHUNK):
+def _h_chunks(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, chunk: int = CHUNK, act=F.silu):
     g, u = gate.float(), up.float()
     for s in range(0, x.shape[0], chunk):
         xc = x[s:s + chunk].float()
-        yield s, F.silu(xc @ g.t()) * (xc @ u.t())
+        yield s, act(xc @ g.t()) * (xc @ u.t())
 
 
 @torch.no_grad()
-def activations(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def activations(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act=F.silu) -> torch.Tensor:
     """(T, d_ff) float32 h = silu(W_gate x) ⊙ (W_up x) for every row of x."""
     out = torch.empty(x.shape[0], gate.shape[0])
-    for s, h in _h_chunks(x, gate, up):
+    for s, h in _h_chunks(x, gate, up, act=act):
         out[s:s + h.shape[0]] = h
     return out
 
@@ -114,9 +99,9 @@ def neuron_weights(down: torch.Tensor, stat: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def importance(x, gate, up, down, stat: str) -> torch.Tensor:
+def importance(x, gate, up, down, stat: str, act=F.silu) -> torch.Tensor:
     """(T, d_ff) float32 per-token neuron importance."""
-    return activations(x, gate, up).abs_().mul_(neuron_weights(down, stat))
+    return activations(x, gate, up, act).abs_().mul_(neuron_weights(down, stat))
 
 
 @torch.no_grad()
@@ -139,10 +124,10 @@ def _importance_marks(h: torch.Tensor, w: torch.Tensor, cols: np.ndarray, q: flo
 
 
 @torch.no_grad()
-def expert_output_norms(x, gate, up, down, experts: np.ndarray) -> torch.Tensor:
+def expert_output_norms(x, gate, up, down, experts: np.ndarray, act=F.silu) -> torch.Tensor:
     """(T, E) ||W_down_e h_e|| per token and expert: what the oracle ranks by."""
     ex = torch.as_tensor(experts.reshape(-1))
-    h = activations(x, gate[ex], up[ex])
+    h = activations(x, gate[ex], up[ex], act)
     return _norms_from_activations(h, down[:, ex], np.arange(ex.numel()).reshape(experts.shape))
 
 
@@ -175,18 +160,6 @@ def recall_at_k(pred: torch.Tensor, truth: torch.Tensor, k: int) -> float:
     return float((_topk_mask(pred, k) * _topk_mask(truth, k)).sum(1).mean() / k)
 
 
-def log_norm_targets(norms: torch.Tensor) -> torch.Tensor:
-    """Per-token standardised log output norms: what the regression routers predict (rank-preserving)."""
-    y = torch.log(norms.double().clamp_min(1e-12))
-    return (y - y.mean(1, keepdim=True)) / y.std(1, keepdim=True).clamp_min(1e-12)
-
-
-def fit_linear_router(x: torch.Tensor, norms: torch.Tensor) -> np.ndarray:
-    """Ridge least squares x W ≈ log_norm_targets (no bias: the runtime's linear router has none)."""
-    from ..linalg import ridge_least_squares
-    return ridge_least_squares(x, log_norm_targets(norms))
-
-
 def plan_layer(layer: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                opts: MethodOptions, stats=None) -> MoEPlan:
     if stats is None:
@@ -200,7 +173,7 @@ def plan_layer(layer: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Ten
     x = stats.x.float()
 
     with phase("statistics"):
-        h = activations(x, gate, up)
+        h = activations(x, gate, up, stats.act)
         w = neuron_weights(down, stat)
         mean_imp = _mean_importance(h, w)
         order = np.lexsort((np.arange(d_ff), -mean_imp))
@@ -224,8 +197,6 @@ def plan_layer(layer: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Ten
 def _fit_router(x, norms, opts, top_k, seed):
     """The router predicting the experts' output norms (``--router``), and its part of the plan's info: held-out
     recall@k against the oracle."""
-    from ..moe_torch import router_scores
-    from .moefication import train_mlp_router
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(x.shape[0], generator=gen)
     hold = perm[:max(1, int(round(HELDOUT * x.shape[0])))]

@@ -32,7 +32,7 @@ import torch
 
 from ..errors import UserError
 from ..plan import MoEPlan, Router
-from . import MethodOptions, check_common
+from .options import MethodOptions, check_common
 
 VARIANTS = ("slice", "fractal-fade", "compensated-pruning")
 FADE_STRENGTH = 0.5

@@ -39,11 +39,13 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..sizing import active_fraction_default
 from ..plan import MoEPlan, Router
 from ..timing import phase
-from . import MethodOptions, check_common
+from .options import MethodOptions, check_common
 from ._balanced import balanced_kmeans, groups
 from ._spectral import coactivation_counts, spectral_embedding, top_marks
+from ..routers import train_mlp_router
 
 NAME = "moefication"
 needs_calibration = True
@@ -51,7 +53,6 @@ SPLITS = ("param", "coact")
 ROUTERS = ("similarity", "mlp")
 COACT_FRACTION = 0.10
 CHUNK = 4096
-MLP_EPOCHS, MLP_LR, MLP_BATCH, MLP_PATIENCE, MLP_HELDOUT = 30, 0.01, 256, 3, 0.1
 
 
 def validate(opts: MethodOptions, d_ff: int) -> None:
@@ -69,88 +70,16 @@ def validate(opts: MethodOptions, d_ff: int) -> None:
 
 
 def default_top_k(opts: MethodOptions) -> int:
-    from ..calibration import active_fraction_default
     return active_fraction_default(opts.experts, opts.shared)
 
 
 @torch.no_grad()
-def _abs_h(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
+def _abs_h(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act=F.silu):
     """Chunks of |h| (rows of x, d_ff), float32."""
     g, u = gate.float(), up.float()
     for s in range(0, x.shape[0], CHUNK):
         xc = x[s:s + CHUNK].float()
-        yield (F.silu(xc @ g.t()) * (xc @ u.t())).abs()
-
-
-def train_mlp_router(x: torch.Tensor, target: torch.Tensor, seed: int = 0, epochs: int = MLP_EPOCHS,
-                     return_history: bool = False, hidden: int | None = None, loss: str = "bce"):
-    """x (T, d), target (T, E) -> dict of router tensors (w1, b1, w2, b2) taking raw x, and optionally the
-    held-out loss per epoch (index 0: before training). ``hidden``: width of the tanh layer (default E, the
-    paper's). ``loss``: "bce" (BCE-with-logits, targets in [0, 1]) or "mse" (regression on real targets).
-    Runs on one thread: the steps are tiny, and torch's thread pool on a busy machine made them 50-100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _train_mlp_router(x, target, seed, epochs, return_history, hidden, loss)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train_mlp_router(x, target, seed, epochs, return_history, hidden, loss):
-    gen = torch.Generator().manual_seed(seed)
-    T, d = x.shape
-    E = target.shape[1]
-    perm = torch.randperm(T, generator=gen)
-    n_hold = max(1, int(round(MLP_HELDOUT * T)))
-    hold, train = perm[:n_hold], perm[n_hold:]
-    x = x.float()
-    mu, sd = x[train].mean(0), x[train].std(0).clamp_min(1e-6)
-    xs = (x - mu) / sd
-    H = hidden or E
-    l1, l2 = torch.nn.Linear(d, H), torch.nn.Linear(H, E)
-    with torch.no_grad():
-        for lin in (l1, l2):
-            bound = 1 / lin.in_features ** 0.5
-            lin.weight.copy_((torch.rand(lin.weight.shape, generator=gen) * 2 - 1) * bound)
-            lin.bias.copy_((torch.rand(lin.bias.shape, generator=gen) * 2 - 1) * bound)
-    params = list(l1.parameters()) + list(l2.parameters())
-    opt = torch.optim.Adam(params, lr=MLP_LR)
-
-    criterion = F.binary_cross_entropy_with_logits if loss == "bce" else F.mse_loss
-
-    def loss_on(idx):
-        return criterion(l2(torch.tanh(l1(xs[idx]))), target[idx])
-
-    with torch.no_grad():
-        best = loss_on(hold).item()
-    history = [best]
-    best_state = [p.detach().clone() for p in params]
-    stale = 0
-    with torch.enable_grad():
-        for _ in range(epochs):
-            order = train[torch.randperm(len(train), generator=gen)]
-            for s in range(0, len(order), MLP_BATCH):
-                opt.zero_grad()
-                loss = loss_on(order[s:s + MLP_BATCH])
-                loss.backward()
-                opt.step()
-            with torch.no_grad():
-                held = loss_on(hold).item()
-            history.append(held)
-            if held < best - 1e-7:
-                best, stale = held, 0
-                best_state = [p.detach().clone() for p in params]
-            else:
-                stale += 1
-                if stale >= MLP_PATIENCE:
-                    break
-    w1, b1, w2, b2 = (t.double() for t in best_state)
-    # fold the standardisation into the first layer: w1 ((x - mu) / sd) + b1 = (w1 / sd) x + (b1 - (w1 / sd) mu)
-    w1f = w1 / sd.double()[None, :]
-    b1f = b1 - w1f @ mu.double()
-    tensors = {"w1": w1f.float().numpy(), "b1": b1f.float().numpy(), "w2": w2.float().numpy(),
-               "b2": b2.float().numpy()}
-    return (tensors, history) if return_history else tensors
+        yield (act(xc @ g.t()) * (xc @ u.t())).abs()
 
 
 def plan_layer(layer: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
@@ -167,8 +96,8 @@ def plan_layer(layer: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Ten
     info: dict = {"split": split, "router": router_kind, "calib_tokens": int(x.shape[0])}
 
     with phase("statistics"):
-        shared, rest = _shared_split(x, gate, up, down, opts.shared * m)
-        counts = _coact_counts(x, gate, up, rest) if split == "coact" else None
+        shared, rest = _shared_split(x, gate, up, down, opts.shared * m, stats.act)
+        counts = _coact_counts(x, gate, up, rest, stats.act) if split == "coact" else None
     with phase("partition"):
         g_norm = F.normalize(gate.double(), dim=1).numpy()
         if split == "param":
@@ -181,37 +110,37 @@ def plan_layer(layer: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Ten
         if router_kind == "similarity":
             router = Router("linear", {"weight": np.stack([g_norm[e].mean(0) for e in experts])})
         else:
-            router = _mlp_router(x, gate, up, experts, stats.seed, info)
+            router = _mlp_router(x, gate, up, experts, stats.seed, info, stats.act)
     return MoEPlan(layer=layer, d_ff=d_ff, experts=experts, top_k=top_k, router=router, shared=shared, info=info)
 
 
-def _shared_split(x, gate, up, down, n_shared: int) -> tuple[np.ndarray, np.ndarray]:
+def _shared_split(x, gate, up, down, n_shared: int, act=F.silu) -> tuple[np.ndarray, np.ndarray]:
     """(shared, rest) sorted neuron indices: the ``n_shared`` largest mean |h| * ||W_down[:, i]|| are shared."""
     d_ff = gate.shape[0]
     if not n_shared:
         return np.zeros(0, dtype=np.int64), np.arange(d_ff)
     mass = torch.zeros(d_ff, dtype=torch.float64)
-    for h in _abs_h(x, gate, up):
+    for h in _abs_h(x, gate, up, act):
         mass += h.sum(0, dtype=torch.float64)
     imp = (mass / x.shape[0] * down.double().norm(dim=0)).numpy()
     order = np.lexsort((np.arange(d_ff), -imp))
     return np.sort(order[:n_shared]), np.sort(order[n_shared:])
 
 
-def _coact_counts(x, gate, up, idx: np.ndarray) -> torch.Tensor:
+def _coact_counts(x, gate, up, idx: np.ndarray, act=F.silu) -> torch.Tensor:
     """Co-activation counts among the neurons ``idx``: active = among a token's top COACT_FRACTION by |h|."""
     sub_g, sub_u = gate[torch.as_tensor(idx)], up[torch.as_tensor(idx)]
     top = max(1, int(round(COACT_FRACTION * len(idx))))
-    return coactivation_counts(top_marks(h, top) for h in _abs_h(x, sub_g, sub_u))
+    return coactivation_counts(top_marks(h, top) for h in _abs_h(x, sub_g, sub_u, act))
 
 
-def _mlp_router(x, gate, up, experts: np.ndarray, seed: int, info: dict) -> Router:
+def _mlp_router(x, gate, up, experts: np.ndarray, seed: int, info: dict, act=F.silu) -> Router:
     """The trained MLP router: targets are each expert's share of the token's activation mass."""
     k, m = experts.shape
     target = torch.zeros(x.shape[0], k)
     ex = torch.as_tensor(experts.reshape(-1))
     s = 0
-    for h in _abs_h(x, gate[ex], up[ex]):
+    for h in _abs_h(x, gate[ex], up[ex], act):
         per = h.reshape(h.shape[0], k, m).sum(2)
         target[s:s + h.shape[0]] = per / per.sum(1, keepdim=True).clamp_min(1e-12)
         s += h.shape[0]

@@ -37,17 +37,13 @@ import torch
 
 from ..errors import UserError
 from ..plan import MoEPlan, Router
-from . import MethodOptions
+from .options import MethodOptions
 
 NAME = "tomoe"
 needs_calibration = True
 PAD = 32
 DEFAULTS = {"budget": 0.5, "budget_on": "widest", "train_steps": 400, "lr": 5e-3, "seqlen": 256}
 BUDGET_ON = ("widest", "layer", "tokens")
-
-
-def default_experts(d_ff: int) -> int:
-    return 8
 
 
 def options(opts: MethodOptions) -> dict:
