@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import UserError
-from ..file_contract import PROVENANCE
+from ..gguf_keys import PLAN, PROVENANCE
 from .configs import Config
 
 CONVERTER_OUTTYPES = ("f32", "f16", "bf16", "q8_0")   # what llama.cpp's converter writes; the rest via llama-quantize
@@ -46,7 +46,7 @@ def config_from_file(path: str) -> Config:
         return Config(method, o["experts"], 0, 1, outtype, path, budget=o["extra"].get("budget", 0.5), path=path)
     top_k = o.get("top_k")
     if top_k is None:   # left to the method's default: what the file's first layer uses
-        top_k = json.loads(gguf.GGUFReader(path).fields["gguf_moeify.plan"].contents())[0]["top_k"]
+        top_k = json.loads(gguf.GGUFReader(path).fields[PLAN].contents())[0]["top_k"]
     return Config(method, o["experts"], o["shared"], top_k, outtype, path, path=path)
 
 
