@@ -15,6 +15,10 @@ import torch
 from ..linalg import top_eigenvectors
 
 CONVERT_ROWS = 1024     # rows converted int32 -> float32 in place at a time
+# Graphs up to this many neurons get the exact float64 eigh (n = 4096: a few seconds, 128 MB); larger ones the
+# partial solver. On SmolLM2 (n = 1280, finegrained at 50%) the Krylov eigenvectors (top-k subspace within sin 0.016
+# of eigh's) gave a clustering 6% worse in perplexity than eigh's (2.62x against 2.47x the dense model).
+EXACT_EIGH_MAX = 4096
 
 
 def top_marks(scores: torch.Tensor, top: int) -> torch.Tensor:
@@ -54,11 +58,16 @@ def _int_gram(m: torch.Tensor) -> torch.Tensor:
 def spectral_embedding(a: torch.Tensor, k: int, seed: int = 0) -> np.ndarray:
     """Rows of the top-k eigenvectors of D^-1/2 A D^-1/2 for a symmetric co-activation matrix A (float32, zero
     diagonal; normalised IN PLACE), each row L2-normalised (Ng-Jordan-Weiss), eigenvector signs fixed for
-    determinism. The eigenvectors come from the partial solver (linalg.top_eigenvectors, seeded with ``seed``)."""
+    determinism. The eigenvectors come from a dense eigh up to ``EXACT_EIGH_MAX`` neurons, beyond from the partial
+    solver (linalg.top_eigenvectors, seeded with ``seed``)."""
     deg = a.sum(1, dtype=torch.float64)
     inv = torch.where(deg > 0, deg.clamp_min(1e-300).rsqrt(), torch.zeros_like(deg)).to(a.dtype)
     a.mul_(inv[:, None]).mul_(inv[None, :])
-    _, emb = top_eigenvectors(a, k, seed=seed)
+    if a.shape[0] <= EXACT_EIGH_MAX:
+        vecs = torch.linalg.eigh(a.double())[1]
+        emb = vecs.flip(1)[:, :k].numpy()
+    else:
+        _, emb = top_eigenvectors(a, k, seed=seed)
     emb = emb * np.sign(emb[np.abs(emb).argmax(0), np.arange(k)])
     norms = np.linalg.norm(emb, axis=1, keepdims=True)
     return emb / np.where(norms > 0, norms, 1)
