@@ -22,7 +22,7 @@ COARSE_EXPERTS = 16             # cmoe / moefication / routed slicing: CMoE's an
 SLICE_EXPERTS = 8               # mlpmoe at f = 1
 TOMOE_EXPERTS = 8               # tomoe: E trained masks, top-1
 MAX_EXPERTS = 512               # finegrained's default E stays within older llama.cpp builds' LLAMA_MAX_EXPERTS
-                                # (the pinned commit allows 1024: gguf_writer.LLAMA_MAX_EXPERTS)
+                                # (the pinned commit allows 1024: plan.LLAMA_MAX_EXPERTS); tomoe's limit too
 
 
 def nearest_divisor(d_ff: int, want: int) -> int:

@@ -48,7 +48,7 @@ SHAPES = {
 }
 
 WEIGHT_STD = 0.02
-_TYPES = ("f16", "q8_0", "q4_0")
+SYNTHETIC_OUTTYPES = ("f16", "q8_0", "q4_0")
 
 
 def _qt(outtype: str):
@@ -122,8 +122,8 @@ def write_synthetic(out: str | os.PathLike, shape: Shape, outtype: str = "q4_0",
     Embedding (tied output) is q8_0 in q4_0 files, as the converter does; the router f32 or ``router_dtype``.
     Written via a temporary file."""
     import gguf
-    if outtype not in _TYPES:
-        raise UserError(f"synthetic models support {', '.join(_TYPES)}, not {outtype!r}")
+    if outtype not in SYNTHETIC_OUTTYPES:
+        raise UserError(f"synthetic models support {', '.join(SYNTHETIC_OUTTYPES)}, not {outtype!r}")
     from .plan import ROUTER_DTYPES
     if router_dtype not in ROUTER_DTYPES:
         raise UserError(f"synthetic routers are {' or '.join(ROUTER_DTYPES)}, not {router_dtype!r}")

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from gguf_moeify.adapters import adapter_for
 from gguf_moeify.checkpoint import Checkpoint
-from gguf_moeify.cli import build_parser, _opts
+from gguf_moeify.cli import build_parser
+from gguf_moeify.method_args import method_options as _opts
 from gguf_moeify.convert import convert, make_plans
 from gguf_moeify.errors import UserError
 from gguf_moeify.methods import MethodOptions

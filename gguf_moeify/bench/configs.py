@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 from ..gguf_writer import FLOAT_OUTTYPES, NUMPY_QUANT_OUTTYPES
-from ..synthetic import _TYPES as SYN_OUTTYPES   # what synthetic files are written in
+from ..synthetic import SYNTHETIC_OUTTYPES as SYN_OUTTYPES   # what synthetic files are written in
 
 REAL_METHODS = ("mlpmoe", "cmoe", "moefication", "finegrained", "tomoe")
 # what the writer writes, and the three k-quants bench offers (of gguf_writer.KQUANT_OUTTYPES)

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..sizing import MAX_EXPERTS
 from ..plan import MoEPlan, Router
 from .options import MethodOptions
 
@@ -56,8 +57,8 @@ def options(opts: MethodOptions) -> dict:
 def validate(opts: MethodOptions, d_ff: int) -> None:
     from ..calibration import check_calib_options
     check_calib_options(opts, NAME)
-    if not 2 <= opts.experts <= 512:
-        raise UserError(f"--experts for tomoe must be between 2 and 512, got {opts.experts}")
+    if not 2 <= opts.experts <= MAX_EXPERTS:
+        raise UserError(f"--experts for tomoe must be between 2 and {MAX_EXPERTS}, got {opts.experts}")
     if opts.shared:
         raise UserError("tomoe has no --shared option: neurons every expert keeps become the shared expert on export")
     if opts.top_k not in (None, 1):
