@@ -131,9 +131,14 @@ class Checkpoint:
         return handle
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """One tensor, read from disk now, in the working dtype (or ``dtype``)."""
+        """One tensor, read from disk now, in the working dtype (or ``dtype``). Read through a handle of its own,
+        closed after: the shard's pages it touched leave this process's resident memory with it (the cached
+        handles only ever read headers), so a conversion's RSS stays one layer, not the checkpoint."""
+        self._handle(name)   # a missing tensor: one clear error
         try:
-            return self._handle(name).get_tensor(name).to(dtype or self.dtype)
+            with _open_safetensors(self._where[name]) as h:
+                t = h.get_tensor(name)
+            return t.to(dtype or self.dtype)
         except (OSError, RuntimeError) as exc:   # a shard cut short or changed since it was opened
             raise UserError(f"{self._where[name]}: cannot read tensor {name} ({_first_line(exc)})")
 
