@@ -55,11 +55,11 @@ def make_plans(ckpt: Checkpoint, adapter: Adapter, method_name: str, opts: Metho
     method.validate(opts, ckpt.d_ff)
     target = "patched"
     if opts.runtime == "stock":
-        from .stock import check_stock_options, stock_target
+        from .stock import check_stock_options, stock_file_target
         check_stock_options(opts, ckpt.config, adapter.name)
     layers = _method_plans(ckpt, adapter, method_name, method, opts, progress)
     if opts.runtime == "stock":
-        target = "stock-" + stock_target(adapter.name, layers[0].shared_width > 0).arch
+        target = stock_file_target(adapter.name, layers[0].shared_width > 0)
     return ModelPlan.build(layers, target, opts.shared_layout, opts.router_dtype, provenance)
 
 

@@ -62,6 +62,11 @@ def stock_target(adapter_name: str, has_shared: bool) -> StockTarget:
     raise UserError(f"--runtime stock: no stock mapping for {adapter_name}")
 
 
+def stock_file_target(adapter_name: str, has_shared: bool) -> str:
+    """The ModelPlan target of a stock file (plan.TARGETS): "stock-" and the stock architecture."""
+    return "stock-" + stock_target(adapter_name, has_shared).arch
+
+
 def check_stock_options(opts, config: dict, adapter_name: str) -> None:
     """Cheap checks before any work."""
     if opts.router_dtype != "f32":

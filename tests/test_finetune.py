@@ -184,7 +184,8 @@ def test_straight_through_router_keeps_the_hard_forward_and_gets_gradients():
         params[0].add_(torch.randn(6, d, generator=gen))
     moe.freeze_router()
     assert isinstance(moe.router["weight"], torch.Tensor) and not moe.router["weight"].requires_grad
-    assert np.array_equal(plan.router.tensors["weight"], moe.router["weight"].numpy())  # the writer sees it
+    assert np.array_equal(moe.plan.router.tensors["weight"], moe.router["weight"].numpy())  # the writer sees it
+    assert not np.array_equal(plan.router.tensors["weight"], moe.plan.router.tensors["weight"])  # a new plan
 
 
 def test_kd_with_router_training_lowers_held_out_loss_and_writes_the_trained_router(tiny_models, tmp_path):

@@ -55,17 +55,20 @@ def _dense_reference_gguf(model_dir, out):
 def _write(model_dir, plans_fn, out, opts=None):
     ckpt = Checkpoint(model_dir)
     adapter = adapter_for(ckpt.config)
-    plans = as_model_plan(plans_fn(ckpt, adapter))
+    plans = as_model_plan(plans_fn(ckpt, adapter), adapter.name)
     write_model_file(ckpt, adapter, plans, out, "f32", provenance(ckpt, "test", opts or MethodOptions(), "f32",
                                                                   "float32"), progress=False)
     return ckpt, adapter, plans
 
 
-def as_model_plan(plans) -> ModelPlan:
-    """Layer plans edited by a test -> the file's plan (patched target, router dtype of the layers)."""
+def as_model_plan(plans, adapter_name: str = "llama") -> ModelPlan:
+    """Layer plans edited by a test -> the file's plan: the router dtype of the layers, the patched target, or the
+    stock one for plans in stock form (softmax gating)."""
     if isinstance(plans, ModelPlan):
         return plans
-    return ModelPlan.build(plans, router_dtype=plans[0].router.dtype)
+    from gguf_moeify.stock import stock_file_target
+    target = "patched" if plans[0].gating == "unit" else stock_file_target(adapter_name, plans[0].shared_width > 0)
+    return ModelPlan.build(plans, target, router_dtype=plans[0].router.dtype)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
