@@ -6,7 +6,9 @@ round float32 products differently (fitted routers, f16 rounding of them), so wh
 the same case with the reference commit's code on this machine (``git archive`` of its package into a temporary
 folder) and compares with that instead: a change in the bytes is reported only when the old code, run here,
 writes other bytes than the new. After an intended change of the output: set ``REFERENCE_COMMIT`` to the commit
-that changes it and run ``python tests/test_output_identity.py --write`` (converts with that commit's package).
+that changes it and run ``python tests/test_output_identity.py --write [--cases A,B]`` (converts with that commit's
+package). History: 695aa88 (before the ModelPlan refactor, whose files were identical), 79136ec (exact eigh up to
+4096 neurons: the finegrained cases).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 HASHES = ROOT / "tests" / "data" / "output_hashes.json"
-REFERENCE_COMMIT = "695aa88"
+REFERENCE_COMMIT = "79136ec"   # the last commit that changed the output on purpose
 CALIB = ("--calib", "calib.txt", "--calib-samples", "2", "--calib-seqlen", "64")
 # (model, method and options): one per method, per stock architecture, per file layout and router dtype
 CASES = {
@@ -130,15 +132,17 @@ if __name__ == "__main__":   # --write: record the hashes REFERENCE_COMMIT's cod
     from conftest import build_spm_tokenizer, build_tiny_models, calib_text_path
     p = argparse.ArgumentParser()
     p.add_argument("--write", action="store_true", help="write tests/data/output_hashes.json")
+    p.add_argument("--cases", default=None, help="only these cases (comma-separated), the others kept as recorded")
     args = p.parse_args()
+    names = args.cases.split(",") if args.cases else sorted(CASES)
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         smol = build_smollm2_folder(cache_root() / "models" / "smollm2-135m")
         models = build_tiny_models(d / "m", smol, build_spm_tokenizer(d / "spm"), archs=("llama", "qwen2", "qwen3"))
         work = _workdir(d / "w", models, calib_text_path())
         ref = reference_package(d / "ref")
-        hashes = {}
-        for name in sorted(CASES):
+        hashes = json.loads(HASHES.read_text()) if args.cases else {}
+        for name in names:
             hashes[name] = convert_case(name, work, ref)
             print(name, hashes[name], flush=True)
         if args.write:
