@@ -15,10 +15,10 @@ import torch
 from ..linalg import top_eigenvectors
 
 CONVERT_ROWS = 1024     # rows converted int32 -> float32 in place at a time
-# Graphs up to this many neurons get the exact float64 eigh (n = 4096: a few seconds, 128 MB); larger ones the
-# partial solver. On SmolLM2 (n = 1280, finegrained at 50%) the Krylov eigenvectors (top-k subspace within sin 0.016
+# Graphs up to this many neurons get the exact float64 eigh (n = 2048: a few seconds; n = 4064 took 65 s a layer
+# on 2 cores, more than the partial solver at n = 13568); larger ones the partial solver. On SmolLM2 (n = 1280, finegrained at 50%) the Krylov eigenvectors (top-k subspace within sin 0.016
 # of eigh's) gave a clustering 6% worse in perplexity than eigh's (2.62x against 2.47x the dense model).
-EXACT_EIGH_MAX = 4096
+EXACT_EIGH_MAX = 2048
 
 
 def top_marks(scores: torch.Tensor, top: int) -> torch.Tensor:
