@@ -193,7 +193,7 @@ def calibrated_plans(ckpt, adapter, method, opts, progress: bool = True, capture
         hidden = lm.embed(ids).to(dtype)                      # (N, L, d)
     record(event="setup")
     n, L, d = hidden.shape
-    name = getattr(method, "NAME", "method")
+    name = method.NAME
     plans, curves = [], []
     bar = tqdm(range(ckpt.n_layers), desc=f"calibrating {name}", unit="layer", disable=not progress)
     for i in bar:

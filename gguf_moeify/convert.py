@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -65,9 +65,9 @@ def make_plans(ckpt: Checkpoint, adapter: Adapter, method_name: str, opts: Metho
 
 def _method_plans(ckpt: Checkpoint, adapter: Adapter, method_name: str, method, opts: MethodOptions,
                   progress: bool) -> list[MoEPlan]:
-    if hasattr(method, "plan_model"):  # trained on the whole model at once (ToMoE)
+    if method.whole_model:  # trained on the whole model at once (ToMoE)
         return method.plan_model(ckpt, adapter, opts, progress)
-    if getattr(method, "needs_calibration", False):
+    if method.needs_calibration:
         from .calibration import calibrated_plans
         return calibrated_plans(ckpt, adapter, method, opts, progress)
     plans = []
@@ -85,7 +85,7 @@ def _method_plans(ckpt: Checkpoint, adapter: Adapter, method_name: str, method, 
 def provenance(ckpt: Checkpoint, method: str, opts: MethodOptions, outtype: str, dtype: str) -> dict:
     source = ckpt.config.get("_name_or_path") or ckpt.path.name
     return {"tool": "gguf_moeify", "version": __version__, "source_model": str(source),
-            "source_model_type": ckpt.config.get("model_type"), "method": method, "options": asdict(opts),
+            "source_model_type": ckpt.config.get("model_type"), "method": method, "options": opts.recorded(),
             "outtype": outtype, "dtype": dtype}
 
 

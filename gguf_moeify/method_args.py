@@ -3,9 +3,11 @@ the MethodOptions / LoRAOptions built from them, with the checks that need sever
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields, replace
 
 from .errors import UserError
 from .methods import METHOD_NAMES, MethodOptions
+from .methods.options import OWN_OPTIONS
 from .plan import ROUTER_DTYPES
 from .sizing import MAX_EXPERTS
 
@@ -43,24 +45,6 @@ def add_method_args(p: argparse.ArgumentParser, main: argparse._ArgumentGroup) -
     g.add_argument("--config", default=None, metavar="SxAyEz",
                    help="CMoE naming, e.g. S1A7E16: x shared, y routed active, z experts in all; sets --shared, "
                         "--top-k and --experts (default: not used)")
-    g.add_argument("--variant", default="slice", choices=("slice", "fractal-fade", "compensated-pruning"),
-                   help="mlpmoe: exact slicing, or a parameter-reducing variant (default: %(default)s)")
-    g.add_argument("--keep", type=float, default=None,
-                   help="mlpmoe variants: fraction of MLP neurons kept (default: 0.8 for the variants)")
-    g.add_argument("--ka", type=int, default=None,
-                   help="cmoe: neurons marked active per token when profiling activation rates (K_a) (default: 10)")
-    g.add_argument("--split", default="param", choices=("param", "coact"),
-                   help="moefication: experts by balanced k-means on normalised gate rows (param) or by a "
-                        "spectral partition of the co-activation graph (coact) (default: %(default)s)")
-    g.add_argument("--router", default=None, choices=("similarity", "mlp", "linear"),
-                   help="moefication: expert-centre similarity router or a trained 2-layer MLP router (default: "
-                        "similarity); finegrained: least-squares linear router predicting each expert's output "
-                        "norm, or a 2-layer MLP router regressing the same targets (default: linear)")
-    g.add_argument("--router-hidden", type=int, default=None,
-                   help="finegrained --router mlp: width of the MLP router's tanh layer (default: 256)")
-    g.add_argument("--stat", default="weighted", choices=("weighted", "activation"),
-                   help="finegrained: neuron importance |h|*||W_down column|| (weighted) or |h| alone "
-                        "(activation, the papers' statistic) (default: %(default)s)")
     g.add_argument("--layer-budget", default="uniform", choices=("uniform", "sensitivity"),
                    help="data-driven methods: same top-k in every layer, or per-layer top-k spread by measured "
                         "sensitivity with the same average (needs the patched runtime; default: %(default)s)")
@@ -79,25 +63,7 @@ def add_method_args(p: argparse.ArgumentParser, main: argparse._ArgumentGroup) -
                    help="patched runtime: type of the router's matrices in the file. f16 halves their bytes (with "
                         "hundreds of small experts an f32 router is several %% of what each token reads) and the "
                         "torch reference rounds as llama.cpp's CPU backend does (default: %(default)s)")
-    t = p.add_argument_group("tomoe (advanced; trained masks and router; the model's weights stay frozen)")
-    t.add_argument("--budget", type=float, default=None, metavar="P",
-                   help="tomoe: target fraction of MLP neurons active per token (default: 0.5)")
-    t.add_argument("--budget-on", default=None, choices=("widest", "layer", "tokens"),
-                   help="tomoe: what --budget limits: widest = per layer the widest expert, i.e. what the file "
-                        "computes per token (every expert of a layer is padded to its widest), averaged over layers; "
-                        "layer = the same in every layer on its own (one width for the whole file: use it with "
-                        "--runtime stock, whose files pad every layer to the widest); tokens = the paper's "
-                        "mean size of the expert each token chooses (experts may then differ widely in size and the "
-                        "file computes the widest) (default: widest; layer with --runtime stock)")
-    t.add_argument("--train-steps", type=int, default=None,
-                   help="tomoe: optimizer steps, one window of --seqlen calibration tokens each (default: 400)")
-    t.add_argument("--lr", type=float, default=None, help="tomoe: AdamW learning rate (default: 5e-3)")
-    t.add_argument("--seqlen", type=int, default=None,
-                   help="tomoe: tokens per training window, capped at the model's context (default: 256)")
-    t.add_argument("--train-state", default=None, metavar="FILE",
-                   help="tomoe: training checkpoint, saved every 10 steps; an interrupted run given the same "
-                        "file and options resumes from it, a finished one is reused (default: OUT.gguf + "
-                        "'.tomoe-state.pt' for convert, none for eval)")
+    add_method_flags(p, METHOD_NAMES)
     c = p.add_argument_group("calibration (advanced; cmoe, moefication, finegrained, tomoe)")
     c.add_argument("--calib-samples", type=int, default=8,
                    help="calibration windows, drawn at random starts (tomoe draws one window per training step "
@@ -140,6 +106,62 @@ def add_method_args(p: argparse.ArgumentParser, main: argparse._ArgumentGroup) -
                    help="working precision for reading and computing (default: %(default)s)")
 
 
+GROUP_TITLES = {"mlpmoe": "mlpmoe (advanced)", "cmoe": "cmoe (advanced)", "moefication": "moefication (advanced)",
+                "finegrained": "finegrained (advanced)",
+                "tomoe": "tomoe (advanced; trained masks and router; the model's weights stay frozen)"}
+
+
+def _flag_fields(methods) -> dict[str, list]:
+    """flag -> [(method, field)] over the methods' own options, in declaration order."""
+    out: dict[str, list] = {}
+    for method in methods:
+        for f in fields(OWN_OPTIONS[method]):
+            if f.metadata.get("flag"):
+                out.setdefault(f.metadata["flag"], []).append((method, f))
+    return out
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def add_method_flags(p: argparse.ArgumentParser, methods) -> None:
+    """The flags of the methods' own options (methods/options.py), one group per method; a flag two methods share
+    (--router) sits in the first one's group and its help names each method's choices and default. Every flag
+    defaults to None here: a flag the chosen method does not take is an error, not silently ignored."""
+    groups = {}
+    for flag, owners in _flag_fields(methods).items():
+        first_method, first = owners[0]
+        if first_method not in groups:
+            groups[first_method] = p.add_argument_group(GROUP_TITLES[first_method])
+        parts = []
+        for method, f in owners:
+            default = f.metadata.get("default_text", f.default)
+            parts.append(f"{method}: {f.metadata['help']} (default: {default})")
+        kw = {k: first.metadata[k] for k in ("type", "metavar") if k in first.metadata}
+        choices = [c for _, f in owners for c in f.metadata.get("choices", ())]
+        if choices:
+            kw["choices"] = tuple(dict.fromkeys(choices))
+        groups[first_method].add_argument(flag, dest=_dest(flag), default=None,
+                                          help="; ".join(parts).replace("%", "%%"), **kw)
+
+
+def own_options_from_args(method: str, args, strict: bool = True):
+    """The method's own options from the parsed flags (unset ones: the dataclass defaults). ``strict``: a flag
+    set on the command line that the method does not take is an error (convert, eval); bench, whose runs mix
+    methods, passes each method only its own."""
+    cls = OWN_OPTIONS[method]
+    own_flags = {f.metadata["flag"]: f for f in fields(cls) if f.metadata.get("flag")}
+    if strict:
+        for flag, owners in _flag_fields(METHOD_NAMES).items():
+            if flag not in own_flags and getattr(args, _dest(flag), None) is not None:
+                names = ", ".join(m for m, _ in owners)
+                raise UserError(f"{flag} is an option of --method {names}, not {method}")
+    values = {f.name: getattr(args, _dest(flag)) for flag, f in own_flags.items()
+              if getattr(args, _dest(flag), None) is not None}
+    return cls(**values)
+
+
 def method_options(args) -> MethodOptions:
     experts, shared, top_k = args.experts, args.shared, args.top_k
     if args.config is not None:
@@ -151,34 +173,18 @@ def method_options(args) -> MethodOptions:
                 raise UserError(f"--config {args.config} sets {flag} {want}, but {flag} {given} was given")
         experts, shared, top_k = ce, cs, ck
     active = active_fraction(args, top_k)
-    extra = {}
-    if args.method == "cmoe" and args.ka is not None:
-        extra["ka"] = args.ka
-    if args.method == "moefication":
-        extra.update(split=args.split, router=args.router or "similarity")
-    if args.method == "finegrained":
-        extra.update(stat=args.stat, router=args.router or "linear")
-        if args.router_hidden is not None:
-            extra["router_hidden"] = args.router_hidden
-    tomoe_flags = {"budget": args.budget, "budget_on": args.budget_on, "train_steps": args.train_steps,
-                   "lr": args.lr, "seqlen": args.seqlen, "state": args.train_state}
-    if args.method == "tomoe":
-        extra.update({k: v for k, v in tomoe_flags.items() if v is not None})
-        if "state" not in extra and getattr(args, "out", None):
-            extra["state"] = str(args.out) + ".tomoe-state.pt"
-    elif any(v is not None for v in tomoe_flags.values()):
-        raise UserError("--budget, --budget-on, --train-steps, --lr, --seqlen and --train-state are options of "
-                        "--method tomoe only")
+    own = own_options_from_args(args.method, args)
+    if args.method == "tomoe" and own.state is None and getattr(args, "out", None):
+        own = replace(own, state=str(args.out) + ".tomoe-state.pt")
     if args.layer_budget != "uniform" and args.method == "mlpmoe":
         raise UserError("--layer-budget sensitivity needs a data-driven method (cmoe, moefication, finegrained)")
     if args.method == "mlpmoe" and args.calib is not None:
         raise UserError("--calib is for the data-driven methods (cmoe, moefication, finegrained, tomoe); mlpmoe "
                         "uses no data")
-    return MethodOptions(experts=experts, shared=shared, top_k=top_k, variant=args.variant, keep=args.keep,
-                         calib=args.calib, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
-                         seed=args.seed, layer_budget=args.layer_budget, runtime=args.runtime,
-                         shared_layout=args.shared_layout, router_dtype=args.router_dtype, active=active,
-                         extra=extra)
+    return MethodOptions(experts=experts, shared=shared, top_k=top_k, calib=args.calib,
+                         calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
+                         layer_budget=args.layer_budget, runtime=args.runtime, shared_layout=args.shared_layout,
+                         router_dtype=args.router_dtype, active=active, own=own)
 
 
 def active_fraction(args, top_k: int | None) -> float | None:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from gguf_moeify.eval_cmd import evaluate_model  # noqa: E402
 from gguf_moeify.finetune import LoRAOptions  # noqa: E402
-from gguf_moeify.methods import MethodOptions  # noqa: E402
+from gguf_moeify.methods import FinegrainedOptions, MethodOptions, MoEficationOptions, ToMoEOptions  # noqa: E402
 from gguf_moeify.sizing import expert_layout  # noqa: E402
 
 DEFAULT_ROWS = ("slice,cmoe,moefication:param:similarity,moefication:param:mlp,moefication:coact:similarity,"
@@ -51,21 +51,18 @@ def row_options(row: str, fraction: float, args) -> tuple[str, MethodOptions]:
         budget_on = parts[1] if len(parts) > 1 else "widest"
         state = Path(args.out) / f"{row.split('+')[0].split('@')[0]}-{fraction}.tomoe-state.pt"
         return method, MethodOptions(experts=experts or 8, shared=0, top_k=None, calib=args.calib, seed=args.seed,
-                                     runtime=runtime, extra={"budget": fraction, "budget_on": budget_on,
-                                                             "state": str(state)})
+                                     runtime=runtime, own=ToMoEOptions(budget=fraction, budget_on=budget_on,
+                                                                       state=str(state)))
     # slice:METHOD takes METHOD's SxAyEz (e.g. slice:moefication: no shared slice), plain slice CMoE's
     e, s, k = expert_layout(parts[1] if name == "slice" and len(parts) > 1 else method, args.d_ff, fraction, experts)
-    extra = {}
+    own = None
     if name == "moefication":
-        extra = {"split": parts[1], "router": parts[2]}
+        own = MoEficationOptions(split=parts[1], router=parts[2])
     elif name == "finegrained":
-        extra = {"stat": "weighted", "router": parts[1] if len(parts) > 1 else "linear"}
+        own = FinegrainedOptions(router=parts[1] if len(parts) > 1 else "linear")
     calib = None if method == "mlpmoe" else args.calib
-    opts = MethodOptions(experts=e, shared=s, top_k=k, calib=calib, calib_samples=args.calib_samples,
-                         calib_seqlen=args.calib_seqlen, seed=args.seed, extra=extra)
-    if runtime == "stock":  # key the cache as before for patched rows
-        opts.runtime = "stock"
-    return method, opts
+    return method, MethodOptions(experts=e, shared=s, top_k=k, calib=calib, calib_samples=args.calib_samples,
+                                 calib_seqlen=args.calib_seqlen, seed=args.seed, runtime=runtime, own=own)
 
 
 def lora_options(row: str, seed: int, data: str | None) -> LoRAOptions | None:
@@ -122,7 +119,7 @@ def main() -> int:
             # data-free rows (slice) fine-tune on the --calib text too (slice+lora at 1.0: the dense model + LoRA)
             lora = lora_options(row, args.seed, None if opts.calib else args.calib)
             key = {"row": row, "f": f, "model": args.model, "text": args.text, "chunks": args.chunks,
-                   "ctx": args.ctx, "opts": {k: v for k, v in opts.__dict__.items()
+                   "ctx": args.ctx, "opts": {k: v for k, v in opts.recorded().items()
                                              if k != "runtime" or v != "patched"}}
             if lora is not None:
                 # the newer options only when set, so cells measured before they existed keep their keys

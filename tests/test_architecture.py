@@ -95,3 +95,14 @@ def test_long_modules_say_why():
         n = len(path.read_text().splitlines())
         doc = ast.get_docstring(ast.parse(path.read_text())) or ""
         assert n <= MAX_LINES or "long because" in doc.lower(), f"{path.name}: {n} lines and no reason given"
+
+
+def test_every_method_is_a_method_with_its_own_options():
+    """The registry's modules satisfy the Method protocol, and each names the options dataclass cli/bench read."""
+    from gguf_moeify.methods import METHOD_NAMES, OWN_OPTIONS, Method, get_method
+    assert set(METHOD_NAMES) == set(OWN_OPTIONS)
+    for name in METHOD_NAMES:
+        m = get_method(name)
+        assert isinstance(m, Method), name
+        assert m.NAME == name and m.OPTIONS is OWN_OPTIONS[name] and m.OPTIONS.method == name
+        assert m.whole_model == hasattr(m, "plan_model") and m.whole_model != hasattr(m, "plan_layer"), name

@@ -14,7 +14,7 @@ from gguf_moeify.budget import allocate, error_curve
 from gguf_moeify.calibration import LayerCalib
 from gguf_moeify.checkpoint import Checkpoint
 from gguf_moeify.convert import make_plans
-from gguf_moeify.methods import MethodOptions
+from gguf_moeify.methods import FinegrainedOptions, MethodOptions
 from gguf_moeify.methods.finegrained import plan_layer
 from gguf_moeify.moe_torch import MoEMLP
 
@@ -78,7 +78,7 @@ def test_sensitivity_budget_keeps_the_average_with_different_k_per_layer(tiny_mo
     k are the allocation of the recorded curves."""
     ckpt = Checkpoint(tiny_models["llama"])
     opts = MethodOptions(experts=8, shared=1, top_k=3, calib=CALIB, calib_samples=2, calib_seqlen=64,
-                         layer_budget="sensitivity", extra={"router_hidden": 16})
+                         layer_budget="sensitivity", own=FinegrainedOptions(router_hidden=16))
     plans = make_plans(ckpt, adapter_for(ckpt.config), "finegrained", opts, progress=False)
     ks = [p.top_k for p in plans]
     curves = [np.array(p.info["budget_error_curve"]) for p in plans]

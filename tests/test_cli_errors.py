@@ -1,6 +1,7 @@
 """Every bad input gets one clear line on stderr, exit code 2, no traceback, and no output or temporary file."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ import pytest
 
 from gguf_moeify.convert import convert
 from gguf_moeify.errors import UserError
-from gguf_moeify.methods import MethodOptions
+from gguf_moeify.methods import OWN_OPTIONS, CMoEOptions, MethodOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,6 +79,22 @@ def test_shared_not_less_than_experts(tiny_llama, tmp_path):
     assert_clean_failure(proc, tmp_path, "--shared 4 must be >= 0 and < --experts 4")
 
 
+def test_option_of_another_method(tiny_llama, tmp_path):
+    calib = tmp_path / "c.txt"
+    calib.write_text("some calibration text " * 50)
+    proc = run_cli(str(tiny_llama), str(tmp_path / "out.gguf"), "--method", "cmoe", "--calib", str(calib),
+                   "--split", "coact")
+    assert_clean_failure(proc, tmp_path, "--split is an option of --method moefication, not cmoe")
+    proc = run_cli(str(tiny_llama), str(tmp_path / "out.gguf"), "--method", "moefication", "--calib", str(calib),
+                   "--router", "linear")   # a choice of finegrained's --router, not of moefication's
+    assert_clean_failure(proc, tmp_path, "--router 'linear' is not available for moefication; choose one of "
+                                         "similarity, mlp")
+    with pytest.raises(UserError, match="--ka belongs to --method cmoe, not moefication"):
+        convert(str(tiny_llama), tmp_path / "out.gguf", "moefication",
+                MethodOptions(experts=4, calib=str(calib), own=CMoEOptions(ka=3)), "f32", progress=False)
+    assert list(tmp_path.iterdir()) == [calib]
+
+
 def test_unwritable_output(tiny_llama, tmp_path):
     (tmp_path / "a_file").write_text("x")
     proc = run_cli(str(tiny_llama), str(tmp_path / "a_file" / "out.gguf"))
@@ -110,8 +127,15 @@ def test_failure_midway_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
 def test_help_names_every_option_with_default():
     proc = run_cli("convert", "--help")
     assert proc.returncode == 0
-    for opt in ("--method", "--experts", "--shared", "--top-k", "--variant", "--keep", "--dtype", "--outtype"):
+    for opt in ("--method", "--experts", "--shared", "--top-k", "--dtype", "--outtype"):
         assert opt in proc.stdout
+    text = " ".join(proc.stdout.split())   # argparse wraps lines
+    for cls in OWN_OPTIONS.values():        # every method's own flag, with the method's name and its default
+        for f in dataclasses.fields(cls):
+            if f.metadata["flag"]:
+                default = f.metadata.get("default_text", f.default)
+                assert f"{f.metadata['flag']} " in text and f"{cls.method}: " in text, f.name
+                assert f"(default: {default})" in text, (f.name, default)
     assert proc.stdout.count("default") >= 7
 
 

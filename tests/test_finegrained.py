@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gguf_moeify.calibration import LayerCalib
-from gguf_moeify.methods import MethodOptions
+from gguf_moeify.methods import FinegrainedOptions, MethodOptions
 from gguf_moeify.methods.finegrained import expert_output_norms, importance, plan_layer, recall_at_k
 from gguf_moeify.moe_torch import MoEMLP
 
@@ -24,7 +24,7 @@ def _layer(seed=0, d=16, d_ff=64, T=2000):
 @pytest.mark.parametrize("router", ["mlp", "linear"])
 def test_partition_shared_and_exactness(router):
     gate, up, down, x = _layer()
-    opts = MethodOptions(experts=8, shared=2, top_k=2, extra={"router": router, "router_hidden": 32})
+    opts = MethodOptions(experts=8, shared=2, top_k=2, own=FinegrainedOptions(router=router, router_hidden=32))
     plan = plan_layer(0, gate, up, down, opts, LayerCalib(x=x))
     assert plan.experts.shape == (6, 8) and plan.shared_width == 16
     assert sorted(np.concatenate([plan.shared, plan.experts.reshape(-1)]).tolist()) == list(range(64))
@@ -49,8 +49,8 @@ def test_weighted_statistic_differs_from_activation():
 @pytest.mark.parametrize("router,loss", [("linear", None), ("mlp", "mse"), ("mlp", "bce")])
 def test_trained_router_finds_the_oracle_experts(router, loss):
     gate, up, down, x = _layer(seed=1, T=4000)
-    extra = {"router": router, "router_hidden": 64, **({"router_loss": loss} if loss else {})}
-    opts = MethodOptions(experts=8, shared=0, top_k=2, extra=extra)
+    own = FinegrainedOptions(router=router, router_hidden=64, router_loss=loss or "mse")
+    opts = MethodOptions(experts=8, shared=0, top_k=2, own=own)
     plan = plan_layer(0, gate, up, down, opts, LayerCalib(x=x))
     recall = plan.info["router_recall_at_k_heldout"]
     chance = 2 / 8

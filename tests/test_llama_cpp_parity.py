@@ -27,7 +27,7 @@ from gguf_moeify.convert import make_plans, provenance, write_model_file
 from gguf_moeify.evaluate import perplexity
 from gguf_moeify.llama_cpp import read_saved_tokens, relative_difference
 from gguf_moeify.llama_cpp_source import llama_cpp_source
-from gguf_moeify.methods import MethodOptions
+from gguf_moeify.methods import FinegrainedOptions, MethodOptions
 from gguf_moeify.plan import ModelPlan, Router
 from gguf_moeify.reference import load_dense, logits_fn, moeify_
 
@@ -271,7 +271,7 @@ def smollm2_finegrained_50(smollm2_dir, tmp_path_factory):
     calibration novel (8 x 512 tokens)."""
     out = tmp_path_factory.mktemp("smol50") / "smollm2-finegrained-50.q8_0.gguf"
     opts = MethodOptions(experts=48, shared=8, top_k=16, calib=str(calib_text_path()), calib_samples=8,
-                         calib_seqlen=512, extra={"router": "linear"})
+                         calib_seqlen=512, own=FinegrainedOptions(router="linear"))
     ckpt = Checkpoint(smollm2_dir)
     adapter = adapter_for(ckpt.config)
     plans = make_plans(ckpt, adapter, "finegrained", opts, progress=False)

@@ -11,7 +11,7 @@ from gguf_moeify.adapters import adapter_for
 from gguf_moeify.calibration import LayerCalib
 from gguf_moeify.checkpoint import Checkpoint
 from gguf_moeify.convert import convert, make_plans
-from gguf_moeify.methods import MethodOptions
+from gguf_moeify.methods import MethodOptions, MoEficationOptions
 from gguf_moeify.methods.moefication import plan_layer
 from gguf_moeify.moe_torch import MoEMLP
 from gguf_moeify.routers import router_scores, train_mlp_router
@@ -32,7 +32,7 @@ def _layer(seed=0, d=16, d_ff=64, T=300):
 @pytest.mark.parametrize("shared", [0, 2])
 def test_splits_are_equal_size_partitions(split, shared):
     gate, up, down, x = _layer()
-    opts = MethodOptions(experts=8, shared=shared, top_k=2, extra={"split": split, "router": "similarity"})
+    opts = MethodOptions(experts=8, shared=shared, top_k=2, own=MoEficationOptions(split=split, router="similarity"))
     plan = plan_layer(0, gate, up, down, opts, LayerCalib(x=x))
     assert plan.experts.shape == (8 - shared, 8) and plan.shared_width == 8 * shared
     every = np.concatenate([plan.shared, plan.experts.reshape(-1)])
@@ -60,7 +60,7 @@ def test_mlp_router_training_lowers_heldout_loss_and_folds_standardisation():
 
 def test_oracle_picks_experts_by_output_norm():
     gate, up, down, x = _layer(1)
-    plan = plan_layer(0, gate, up, down, MethodOptions(experts=8, top_k=2, extra={"split": "param"}),
+    plan = plan_layer(0, gate, up, down, MethodOptions(experts=8, top_k=2, own=MoEficationOptions(split="param")),
                       LayerCalib(x=x))
     moe = MoEMLP(plan, gate, up, down, oracle=True)
     xt = x[:10]
@@ -88,7 +88,7 @@ def test_all_experts_active_reproduces_dense(tiny_models, split, router):
     ids = torch.randint(0, ckpt.config["vocab_size"], (1, 40), generator=torch.Generator().manual_seed(3))
     dense = logits_fn(model)(ids)
     opts = MethodOptions(experts=4, top_k=4, calib=CALIB, calib_samples=2, calib_seqlen=48,
-                         extra={"split": split, "router": router})
+                         own=MoEficationOptions(split=split, router=router))
     import gguf_moeify.calibration as cal   # the tiny SentencePiece tokenizer needs protobuf: random tokens
     orig = cal.calib_tokens
     cal.calib_tokens = lambda *a, **k: torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
@@ -104,7 +104,7 @@ def test_all_experts_active_reproduces_dense(tiny_models, split, router):
 
 def test_gguf_has_mlp_router(tiny_models, tmp_path):
     opts = MethodOptions(experts=4, shared=1, top_k=1, calib=CALIB, calib_samples=2, calib_seqlen=48,
-                         extra={"split": "param", "router": "mlp"})
+                         own=MoEficationOptions(split="param", router="mlp"))
     out = convert(str(tiny_models["llama"]), tmp_path / "m.gguf", "moefication", opts, outtype="f32",
                   progress=False)
     t = {x.name: x for x in gguf.GGUFReader(out).tensors}

@@ -12,7 +12,7 @@ from gguf_moeify.adapters import adapter_for
 from gguf_moeify.checkpoint import Checkpoint
 from gguf_moeify.convert import make_plans
 from gguf_moeify.evaluate import perplexity, read_text, tokenize_for_ppl
-from gguf_moeify.methods import MethodOptions
+from gguf_moeify.methods import MethodOptions, MLPMoEOptions
 from gguf_moeify.reference import load_dense, logits_fn, moeify_
 
 from conftest import eval_text_path
@@ -52,6 +52,6 @@ def test_variants_at_80_percent_stay_in_band(dense, variant):
     costs real quality (small models have little redundancy); a broken file (wrong neurons, lost scale,
     shuffled experts) lands in the hundreds to tens of thousands."""
     ckpt, tokens, ppl = dense
-    moe = _moe_ppl(ckpt, tokens, MethodOptions(experts=8, variant=variant, keep=0.8))
+    moe = _moe_ppl(ckpt, tokens, MethodOptions(experts=8, own=MLPMoEOptions(variant=variant, keep=0.8)))
     print(f"dense {ppl:.4f} mlpmoe-{variant}-keep0.8 {moe:.4f} ratio {moe / ppl:.3f}")
     assert ppl < moe < 5 * ppl

@@ -42,7 +42,7 @@ def test_resolve_options_from_active_and_explicit_overrides():
     r = resolve_options("cmoe", MethodOptions(experts=32, shared=None, active=0.25), 4864)
     assert (r.experts, r.shared, r.top_k) == (32, 4, 4)
     r = resolve_options("tomoe", MethodOptions(experts=None, shared=None, active=0.3), 4864)
-    assert (r.experts, r.extra["budget"]) == (8, 0.3)
+    assert (r.experts, r.own.budget) == (8, 0.3)
     # no fraction: the methods' own defaults, as library callers always had them
     r = resolve_options("cmoe", MethodOptions(experts=None, shared=None), 4864)
     assert (r.experts, r.shared, r.top_k) == (8, 0, None)

@@ -14,7 +14,7 @@ from gguf_moeify.checkpoint import Checkpoint
 from gguf_moeify.cli import main as cli_main
 from gguf_moeify.convert import make_plans
 from gguf_moeify.llama_cpp import relative_difference
-from gguf_moeify.methods import MethodOptions
+from gguf_moeify.methods import MethodOptions, ToMoEOptions
 from gguf_moeify.methods.tomoe import PAD, plans_from_masks
 from gguf_moeify.moe_torch import MoEMLP
 from gguf_moeify.reference import load_dense, moeify_
@@ -159,7 +159,7 @@ def test_export_equals_the_trained_model(tiny_models):
 def test_tomoe_file_matches_torch_in_llama_cpp(tools, tiny_models, eval_excerpt, tmp_path):
     from test_llama_cpp_parity import CHUNKS, CTX, F32_KV, _torch_and_llama_cpp, _write
     out = tmp_path / "tomoe.gguf"
-    opts = MethodOptions(experts=4, calib=str(TEXT), extra={"budget": 0.3, "train_steps": 30, "seqlen": 48})
+    opts = MethodOptions(experts=4, calib=str(TEXT), own=ToMoEOptions(budget=0.3, train_steps=30, seqlen=48))
     ckpt, adapter, plans = _write(tiny_models["llama"], lambda c, a: make_plans(c, a, "tomoe", opts, progress=False),
                                   out, opts)
     assert [p.top_k for p in plans] == [1, 1] and plans[0].router.kind == "linear"
@@ -174,7 +174,7 @@ def test_tomoe_file_matches_torch_in_llama_cpp(tools, tiny_models, eval_excerpt,
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--method", "cmoe", "--budget", "0.5"], "options of --method tomoe only"),
+    (["--method", "cmoe", "--budget", "0.5"], "--budget is an option of --method tomoe, not cmoe"),
     (["--method", "tomoe", "--budget", "1.5"], "--budget must be in"),
     (["--method", "tomoe", "--top-k", "2"], "top-1"),
     (["--method", "tomoe", "--train-steps", "0"], "--train-steps must be"),
@@ -186,6 +186,23 @@ def test_cli_errors(tiny_models, tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_file_bytes_do_not_depend_on_the_output_name(tiny_models, tmp_path):
+    """The training state's path (OUT + .tomoe-state.pt) is not part of what the file records: two outputs of the
+    same conversion are the same bytes, and the provenance lists tomoe's own options with their defaults."""
+    import gguf
+    import json
+    files = []
+    for name in ("a.gguf", "other-name.gguf"):
+        out = tmp_path / name
+        code = cli_main([str(tiny_models["llama"]), str(out), "--calib", str(TEXT), "--method", "tomoe", "-E", "4",
+                         "--train-steps", "2", "--seqlen", "32", "--calib-samples", "1", "-q"])
+        assert code == 0 and (tmp_path / (name + ".tomoe-state.pt")).is_file()
+        files.append(out.read_bytes())
+    assert files[0] == files[1]
+    prov = json.loads(gguf.GGUFReader(tmp_path / "a.gguf").get_field("gguf_moeify.provenance").contents())
+    assert prov["options"]["own"] == {"budget": 0.5, "budget_on": "widest", "train_steps": 2, "lr": 5e-3, "seqlen": 32}
 
 
 def test_per_layer_expert_widths_in_llama_cpp(tools, tiny_models, eval_excerpt, tmp_path):
@@ -249,7 +266,7 @@ def test_stock_file_computes_the_unit_gate_plans_in_unpatched_llama_cpp(stock_to
 
 def test_make_plans_for_the_stock_runtime(tiny_models):
     opts = MethodOptions(experts=4, calib=str(TEXT), runtime="stock",
-                         extra={"budget": 0.3, "train_steps": 5, "seqlen": 48})
+                         own=ToMoEOptions(budget=0.3, train_steps=5, seqlen=48))
     ckpt = Checkpoint(tiny_models["llama"])
     plans = make_plans(ckpt, adapter_for(ckpt.config), "tomoe", opts, progress=False)
     assert len({p.expert_width for p in plans}) == 1 and all(p.shared_width == 0 for p in plans)

@@ -8,7 +8,7 @@ import torch
 from gguf_moeify.adapters import adapter_for
 from gguf_moeify.checkpoint import Checkpoint
 from gguf_moeify.convert import make_plans
-from gguf_moeify.methods import MethodOptions
+from gguf_moeify.methods import MethodOptions, MLPMoEOptions
 from gguf_moeify.moe_torch import MoEMLP
 from gguf_moeify.plan import MoEPlan, Router
 from gguf_moeify.reference import load_dense, logits_fn, moeify_
@@ -59,7 +59,7 @@ def test_routing_selects_top_k_by_score():
 def test_mlpmoe_variants_are_deterministic_and_reduce(tiny_models, variant):
     ckpt = Checkpoint(tiny_models["llama"])
     adapter = adapter_for(ckpt.config)
-    opts = MethodOptions(experts=4, variant=variant, keep=0.5)
+    opts = MethodOptions(experts=4, own=MLPMoEOptions(variant=variant, keep=0.5))
     a = make_plans(ckpt, adapter, "mlpmoe", opts, progress=False)
     b = make_plans(ckpt, adapter, "mlpmoe", opts, progress=False)
     for pa, pb in zip(a, b):
@@ -87,7 +87,7 @@ def test_slice_routed_baseline_router_and_variant_check():
     assert np.allclose(plan.router.tensors["weight"], want.numpy(), atol=1e-6)
     assert all(np.array_equal(e, np.arange(e[0], e[0] + 8)) for e in plan.experts)   # contiguous slices
     with pytest.raises(UserError, match="keeps every expert active"):
-        validate(MethodOptions(experts=8, top_k=3, variant="fractal-fade"), 64)
+        validate(MethodOptions(experts=8, top_k=3, own=MLPMoEOptions(variant="fractal-fade")), 64)
 
 
 def test_f16_router_rounds_matrices_whenever_built():

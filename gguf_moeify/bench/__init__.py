@@ -44,6 +44,7 @@ from pathlib import Path
 
 from ..cli_args import Parser, prog_name
 from ..errors import UserError
+from ..method_args import add_method_flags
 from .configs import BENCH_OUTTYPES, REAL_METHODS, SYN_OUTTYPES, Config, parse_configs
 from .files import MoEFiles, config_from_file, dense_gguf, synthetic_file
 from .report import markdown_table, plot, write_results
@@ -97,10 +98,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window "
                                                                  "(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="conversion / synthetic weights seed (default: %(default)s)")
-    p.add_argument("--split", default="param", choices=("param", "coact"), help="moefication split "
-                                                                                 "(default: %(default)s)")
-    p.add_argument("--router", default=None, choices=("similarity", "mlp", "linear"),
-                   help="moefication router (default: similarity); finegrained router (default: linear)")
     p.add_argument("--layer-budget", default="uniform", choices=("uniform", "sensitivity"),
                    help="data-driven methods: per-layer top-k (see convert --help) (default: %(default)s)")
     p.add_argument("--router-dtype", default="f32", choices=ROUTER_DTYPES,
@@ -111,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plot-y", default="ppl", choices=("ppl", "kld"), help="y axis of the plot "
                                                                            "(default: %(default)s)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines (default: off)")
+    add_method_flags(p, ("cmoe", "moefication", "finegrained"))   # each run takes its own method's
     return p
 
 

@@ -33,6 +33,12 @@ def recorded(path: Path, key: str) -> dict | None:
         return None
 
 
+def _recorded_budget(options: dict) -> float:
+    """A tomoe file's trained budget from its recorded options (``own``; files of 0.x versions: ``extra``)."""
+    own = options.get("own") or options.get("extra") or {}
+    return own.get("budget") or 0.5
+
+
 def config_from_file(path: str) -> Config:
     """A Config for a file written by ``convert`` (--moe), from its recorded recipe (``gguf_moeify.provenance``)."""
     import gguf
@@ -43,7 +49,7 @@ def config_from_file(path: str) -> Config:
         raise UserError(f"--moe {path}: not an MoE file written by gguf_moeify (no readable provenance)")
     o, method, outtype = prov["options"], prov["method"], prov["outtype"]
     if method == "tomoe":
-        return Config(method, o["experts"], 0, 1, outtype, path, budget=o["extra"].get("budget", 0.5), path=path)
+        return Config(method, o["experts"], 0, 1, outtype, path, budget=_recorded_budget(o), path=path)
     top_k = o.get("top_k")
     if top_k is None:   # left to the method's default: what the file's first layer uses
         top_k = json.loads(gguf.GGUFReader(path).fields[PLAN].contents())[0]["top_k"]
@@ -97,21 +103,18 @@ def dense_gguf(model: str, outtype: str, work: Path, tools) -> tuple[Path, bool]
 
 # ---------------------------------------------------------------- MoE files
 def _opts_for(c: Config, args, work: Path | None = None):
-    from ..methods import MethodOptions
+    from ..method_args import own_options_from_args
+    from ..methods import MethodOptions, ToMoEOptions
     if c.method == "tomoe":  # its training state in the work folder: every outtype (and a rerun) reuses it
-        state = {"state": str(work / f"{c.slug}.tomoe-state.pt")} if work is not None else {}
+        state = str(work / f"{c.slug}.tomoe-state.pt") if work is not None else None
         return MethodOptions(experts=c.experts, shared=0, top_k=None, calib=args.calib, seed=args.seed,
-                             router_dtype=args.router_dtype, extra={"budget": c.budget, **state})
-    extra = {}
-    if c.method == "moefication":
-        extra = {"split": args.split, "router": args.router or "similarity"}
-    if c.method == "finegrained":
-        extra = {"stat": "weighted", "router": args.router or "linear"}
+                             router_dtype=args.router_dtype, own=ToMoEOptions(budget=c.budget, state=state))
+    own = own_options_from_args(c.method, args, strict=False) if c.method != "mlpmoe" else None
     calib = None if c.method == "mlpmoe" else args.calib
     budget = "uniform" if c.method == "mlpmoe" else args.layer_budget
     return MethodOptions(experts=c.experts, shared=c.shared, top_k=c.top_k, calib=calib,
                          calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
-                         layer_budget=budget, router_dtype=args.router_dtype, extra=extra)
+                         layer_budget=budget, router_dtype=args.router_dtype, own=own)
 
 
 class MoEFiles:

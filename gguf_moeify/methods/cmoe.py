@@ -38,12 +38,13 @@ from ..errors import UserError
 from ..sizing import active_fraction_default
 from ..plan import MoEPlan, Router
 from ..timing import phase
-from .options import MethodOptions, check_common
+from .options import CMoEOptions, MethodOptions, check_common
 from ._balanced import balanced_assign, groups
 
 NAME = "cmoe"
+OPTIONS = CMoEOptions
 needs_calibration = True
-DEFAULT_KA = 10
+whole_model = False
 CHUNK = 4096
 
 
@@ -63,11 +64,9 @@ def validate(opts: MethodOptions, d_ff: int) -> None:
     from ..calibration import check_calib_options
     check_common(opts, d_ff)
     check_calib_options(opts, NAME)
-    ka = opts.extra.get("ka", DEFAULT_KA)
+    ka = opts.own_for(CMoEOptions).ka
     if not 1 <= ka <= d_ff:
         raise UserError(f"--ka must be between 1 and the intermediate size {d_ff}, got {ka}")
-    if opts.keep is not None or opts.variant != "slice":
-        raise UserError("--variant/--keep apply to mlpmoe only")
 
 
 @torch.no_grad()
@@ -124,7 +123,7 @@ def plan_layer(layer: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Ten
     if stats is None:
         raise UserError("cmoe needs calibration data (--calib)")
     d_ff = gate.shape[0]
-    ka = int(opts.extra.get("ka", DEFAULT_KA))
+    ka = opts.own_for(CMoEOptions).ka
     top_k = opts.top_k if opts.top_k is not None else default_top_k(opts)
     with phase("statistics"):
         markers = activation_markers(stats.x, gate, up, ka, stats.act)

@@ -42,16 +42,15 @@ from ..errors import UserError
 from ..sizing import active_fraction_default
 from ..plan import MoEPlan, Router
 from ..timing import phase
-from .options import MethodOptions, check_common
+from .options import FinegrainedOptions, MethodOptions, check_common
 from ._balanced import balanced_kmeans, groups
 from ._spectral import coactivation_counts, spectral_embedding, top_marks
 from ..routers import fit_linear_router, log_norm_targets, router_scores, train_mlp_router
 
 NAME = "finegrained"
+OPTIONS = FinegrainedOptions
 needs_calibration = True
-STATS = ("weighted", "activation")
-ROUTERS = ("linear", "mlp")
-DEFAULT_HIDDEN = 256
+whole_model = False
 CHUNK = 4096
 MIN_MARK_FRACTION = 0.05
 HELDOUT = 0.1
@@ -61,16 +60,9 @@ def validate(opts: MethodOptions, d_ff: int) -> None:
     from ..calibration import check_calib_options
     check_common(opts, d_ff)
     check_calib_options(opts, NAME)
-    if opts.extra.get("stat", "weighted") not in STATS:
-        raise UserError(f"unknown --stat {opts.extra['stat']!r}; choose one of {', '.join(STATS)}")
-    if opts.extra.get("router", "linear") not in ROUTERS:
-        raise UserError(f"--router {opts.extra['router']!r} is not available for {NAME}; choose one of "
-                        f"{', '.join(ROUTERS)}")
-    hidden = opts.extra.get("router_hidden", DEFAULT_HIDDEN)
+    hidden = opts.own_for(FinegrainedOptions).router_hidden
     if not 1 <= hidden <= 65536:
         raise UserError(f"--router-hidden must be between 1 and 65536, got {hidden}")
-    if opts.keep is not None or opts.variant != "slice":
-        raise UserError("--variant/--keep apply to mlpmoe only")
 
 
 def default_top_k(opts: MethodOptions) -> int:
@@ -164,8 +156,8 @@ def plan_layer(layer: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Ten
                opts: MethodOptions, stats=None) -> MoEPlan:
     if stats is None:
         raise UserError(f"{NAME} needs calibration data (--calib)")
-    stat = opts.extra.get("stat", "weighted")
-    router_kind = opts.extra.get("router", "linear")
+    own = opts.own_for(FinegrainedOptions)
+    stat, router_kind = own.stat, own.router
     d_ff = gate.shape[0]
     m = d_ff // opts.experts
     k = opts.routed
@@ -201,9 +193,9 @@ def _fit_router(x, norms, opts, top_k, seed):
     perm = torch.randperm(x.shape[0], generator=gen)
     hold = perm[:max(1, int(round(HELDOUT * x.shape[0])))]
     info: dict = {}
-    if opts.extra.get("router", "linear") == "mlp":
-        hidden = int(opts.extra.get("router_hidden", DEFAULT_HIDDEN))
-        loss = opts.extra.get("router_loss", "mse")
+    own = opts.own_for(FinegrainedOptions)
+    if own.router == "mlp":
+        hidden, loss = own.router_hidden, own.router_loss
         target = _topk_mask(norms, top_k) if loss == "bce" else log_norm_targets(norms).float()
         router = Router("mlp", train_mlp_router(x, target, seed=seed, hidden=hidden, loss=loss))
         info.update(router_hidden=hidden, router_loss=loss)

@@ -32,13 +32,15 @@ import torch
 
 from ..errors import UserError
 from ..plan import MoEPlan, Router
-from .options import MethodOptions, check_common
+from .options import MethodOptions, MLPMoEOptions, check_common
 
-VARIANTS = ("slice", "fractal-fade", "compensated-pruning")
 FADE_STRENGTH = 0.5
 LEAF = 32
 
+NAME = "mlpmoe"
+OPTIONS = MLPMoEOptions
 needs_calibration = False
+whole_model = False
 
 
 def neuron_scores(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> np.ndarray:
@@ -99,16 +101,15 @@ def _repack(kept: np.ndarray, experts: int, width: int) -> np.ndarray:
 
 def validate(opts: MethodOptions, d_ff: int) -> None:
     check_common(opts, d_ff)
-    if opts.variant not in VARIANTS:
-        raise UserError(f"unknown --variant {opts.variant!r} for mlpmoe; choose one of {', '.join(VARIANTS)}")
-    if opts.top_k is not None and opts.top_k != opts.routed and opts.variant != "slice":
-        raise UserError(f"mlpmoe {opts.variant} keeps every expert active, so --top-k must be {opts.routed} "
+    own = opts.own_for(MLPMoEOptions)
+    if opts.top_k is not None and opts.top_k != opts.routed and own.variant != "slice":
+        raise UserError(f"mlpmoe {own.variant} keeps every expert active, so --top-k must be {opts.routed} "
                         f"(or omitted); routed top-k works with --variant slice (the naive baseline)")
-    if opts.variant == "slice" and opts.keep not in (None, 1.0):
+    if own.variant == "slice" and own.keep not in (None, 1.0):
         raise UserError("--keep applies to the mlpmoe variants fractal-fade and compensated-pruning, not to slice")
-    if opts.keep is not None and not 0.0 < opts.keep <= 1.0:
-        raise UserError(f"--keep must be in (0, 1], got {opts.keep}")
-    if opts.variant != "slice" and opts.shared:
+    if own.keep is not None and not 0.0 < own.keep <= 1.0:
+        raise UserError(f"--keep must be in (0, 1], got {own.keep}")
+    if own.variant != "slice" and opts.shared:
         raise UserError("--shared is only supported with --variant slice for mlpmoe")
 
 
@@ -118,17 +119,18 @@ def plan_layer(layer: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Ten
     E = opts.experts
     blocks = np.arange(d_ff).reshape(E, d_ff // E)
     score = neuron_scores(gate, up, down)
-    info: dict = {"variant": opts.variant}
+    own = opts.own_for(MLPMoEOptions)
+    info: dict = {"variant": own.variant}
     scale = None
-    if opts.variant == "slice":
+    if own.variant == "slice":
         shared_blocks = np.sort(np.argsort(-score[blocks].sum(1), kind="stable")[:opts.shared])
         shared = blocks[shared_blocks].reshape(-1)
         experts = np.delete(blocks, shared_blocks, axis=0)
     else:
-        keep = 0.8 if opts.keep is None else opts.keep
+        keep = 0.8 if own.keep is None else own.keep
         width = _target_width(d_ff, E, keep)
         total = width * E
-        if opts.variant == "fractal-fade":
+        if own.variant == "fractal-fade":
             counts = _allocate([blocks.shape[1]] * E, score[blocks].sum(1), total)
             kept = np.concatenate([_fractal_keep(b, score, c) for b, c in zip(blocks, counts)])
         else:

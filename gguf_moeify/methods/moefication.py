@@ -42,15 +42,15 @@ from ..errors import UserError
 from ..sizing import active_fraction_default
 from ..plan import MoEPlan, Router
 from ..timing import phase
-from .options import MethodOptions, check_common
+from .options import MethodOptions, MoEficationOptions, check_common
 from ._balanced import balanced_kmeans, groups
 from ._spectral import coactivation_counts, spectral_embedding, top_marks
 from ..routers import train_mlp_router
 
 NAME = "moefication"
+OPTIONS = MoEficationOptions
 needs_calibration = True
-SPLITS = ("param", "coact")
-ROUTERS = ("similarity", "mlp")
+whole_model = False
 COACT_FRACTION = 0.10
 CHUNK = 4096
 
@@ -59,14 +59,7 @@ def validate(opts: MethodOptions, d_ff: int) -> None:
     from ..calibration import check_calib_options
     check_common(opts, d_ff)
     check_calib_options(opts, NAME)
-    split = opts.extra.get("split", "param")
-    router = opts.extra.get("router", "similarity")
-    if split not in SPLITS:
-        raise UserError(f"unknown --split {split!r}; choose one of {', '.join(SPLITS)}")
-    if router not in ROUTERS:
-        raise UserError(f"unknown --router {router!r}; choose one of {', '.join(ROUTERS)}")
-    if opts.keep is not None or opts.variant != "slice":
-        raise UserError("--variant/--keep apply to mlpmoe only")
+    opts.own_for(MoEficationOptions)   # another method's options are refused; choices checked by the dataclass
 
 
 def default_top_k(opts: MethodOptions) -> int:
@@ -86,8 +79,8 @@ def plan_layer(layer: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Ten
                opts: MethodOptions, stats=None) -> MoEPlan:
     if stats is None:
         raise UserError("moefication needs calibration data (--calib)")
-    split = opts.extra.get("split", "param")
-    router_kind = opts.extra.get("router", "similarity")
+    own = opts.own_for(MoEficationOptions)
+    split, router_kind = own.split, own.router
     d_ff = gate.shape[0]
     m = d_ff // opts.experts
     k = opts.routed

@@ -38,20 +38,13 @@ import torch
 from ..errors import UserError
 from ..sizing import MAX_EXPERTS
 from ..plan import MoEPlan, Router
-from .options import MethodOptions
+from .options import MethodOptions, ToMoEOptions
 
 NAME = "tomoe"
+OPTIONS = ToMoEOptions
 needs_calibration = True
+whole_model = True   # plan_model: masks and routers trained on the whole model at once
 PAD = 32
-DEFAULTS = {"budget": 0.5, "budget_on": "widest", "train_steps": 400, "lr": 5e-3, "seqlen": 256}
-BUDGET_ON = ("widest", "layer", "tokens")
-
-
-def options(opts: MethodOptions) -> dict:
-    """The tomoe options with their defaults. A stock file has one expert width (every layer padded to the widest),
-    so with ``--runtime stock`` the budget holds in every layer (``layer``) unless ``--budget-on`` says otherwise."""
-    defaults = {**DEFAULTS, "budget_on": "layer" if opts.runtime == "stock" else DEFAULTS["budget_on"]}
-    return {**defaults, **opts.extra}
 
 
 def validate(opts: MethodOptions, d_ff: int) -> None:
@@ -65,28 +58,24 @@ def validate(opts: MethodOptions, d_ff: int) -> None:
         raise UserError(f"tomoe routes each token to one expert (top-1); --top-k {opts.top_k} is not available")
     if opts.layer_budget != "uniform":
         raise UserError("--layer-budget sensitivity does not apply to tomoe (its budget is trained: --budget)")
-    if opts.keep is not None or opts.variant != "slice":
-        raise UserError("--variant/--keep apply to mlpmoe only")
-    x = options(opts)
-    if not 0 < x["budget"] <= 1:
-        raise UserError(f"--budget must be in (0, 1], got {x['budget']}")
-    if x["budget_on"] not in BUDGET_ON:
-        raise UserError(f"--budget-on must be one of {', '.join(BUDGET_ON)}, got {x['budget_on']!r}")
-    if x["train_steps"] < 1:
-        raise UserError(f"--train-steps must be >= 1, got {x['train_steps']}")
-    if not (x["lr"] > 0 and math.isfinite(x["lr"])):
-        raise UserError(f"--lr must be a positive number, got {x['lr']}")
-    if x["seqlen"] < 2:
-        raise UserError(f"--seqlen must be >= 2, got {x['seqlen']}")
+    own = opts.own_for(ToMoEOptions)
+    if not 0 < own.budget_or_default() <= 1:
+        raise UserError(f"--budget must be in (0, 1], got {own.budget}")
+    if own.train_steps < 1:
+        raise UserError(f"--train-steps must be >= 1, got {own.train_steps}")
+    if not (own.lr > 0 and math.isfinite(own.lr)):
+        raise UserError(f"--lr must be a positive number, got {own.lr}")
+    if own.seqlen < 2:
+        raise UserError(f"--seqlen must be >= 2, got {own.seqlen}")
 
 
 def train_options(opts: MethodOptions, max_positions: int | None = None):
     from ..tomoe_train import TrainOptions
-    x = options(opts)
-    seqlen = min(int(x["seqlen"]), max_positions or int(x["seqlen"]))
-    return TrainOptions(experts=opts.experts, budget=float(x["budget"]), budget_on=x["budget_on"],
-                        steps=int(x["train_steps"]),
-                        lr=float(x["lr"]), seqlen=seqlen, seed=opts.seed, state=x.get("state"))
+    own = opts.own_for(ToMoEOptions)
+    seqlen = min(own.seqlen, max_positions or own.seqlen)
+    return TrainOptions(experts=opts.experts, budget=float(own.budget_or_default()),
+                        budget_on=own.budget_on_for(opts.runtime), steps=own.train_steps, lr=float(own.lr),
+                        seqlen=seqlen, seed=opts.seed, state=own.state)
 
 
 def plans_from_masks(masks: torch.Tensor, routers: list[torch.Tensor], info: list[dict] | None = None
