@@ -20,7 +20,6 @@ from typing import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .errors import UserError
@@ -35,8 +34,8 @@ class LayerCalib:
     exactly as the runtime gives them to the MLP (after the post-attention RMSNorm), the seed, and the MLP's
     activation (``Adapter.act``)."""
     x: torch.Tensor
+    act: Callable
     seed: int = 0
-    act: Callable = F.silu
 
 
 def check_text_source(source: str, flag: str) -> None:

@@ -18,7 +18,7 @@ from .routers import log_norm_targets, router_scores
 
 
 class MoEMLP(nn.Module):
-    def __init__(self, plan: MoEPlan, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act=F.silu,
+    def __init__(self, plan: MoEPlan, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act,
                  oracle: bool | str = False):
         super().__init__()
         self.plan = plan   # replaced, never changed, when fine-tuning trains or refits the router

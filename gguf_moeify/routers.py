@@ -14,15 +14,18 @@ from .linalg import ridge_least_squares
 MLP_EPOCHS, MLP_LR, MLP_BATCH, MLP_PATIENCE, MLP_HELDOUT = 30, 0.01, 256, 3, 0.1
 
 
-def router_scores(kind: str, t: dict[str, torch.Tensor], x: torch.Tensor, act=F.silu,
+def router_scores(kind: str, t: dict[str, torch.Tensor], x: torch.Tensor, act=None,
                   dtype: str = "f32") -> torch.Tensor:
-    """Router scores (T, E). ``dtype`` "f16" (matrices stored in f16): each product's input is rounded to f16 as
-    well, as llama.cpp's CPU backend converts the activations to the weights' type before the dot products."""
+    """Router scores (T, E). ``act``: the MLP's activation (``Adapter.act``), which the CMoE analytic router applies
+    (the other kinds do not use it). ``dtype`` "f16" (matrices stored in f16): each product's input is rounded to f16
+    as well, as llama.cpp's CPU backend converts the activations to the weights' type before the dot products."""
     def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return (a.to(torch.float16).to(a.dtype) if dtype == "f16" else a) @ w.t()
     if kind == "linear":
         return mm(x, t["weight"])
     if kind == "cmoe":
+        if act is None:
+            raise ValueError("the cmoe router applies the MLP's activation: pass act (Adapter.act)")
         return (mm(x, t["up"]) * act(mm(x, t["gate"]))).abs()
     if kind == "mlp":
         return mm(torch.tanh(mm(x, t["w1"]) + t["b1"]), t["w2"]) + t["b2"]

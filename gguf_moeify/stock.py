@@ -92,12 +92,12 @@ def overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
     return float((_topk_sets(a, k) & _topk_sets(b, k)).sum(1).double().mean() / k)
 
 
-def stock_form(plan: MoEPlan, adapter_name: str, x: torch.Tensor | None, act=torch.nn.functional.silu) -> MoEPlan:
+def stock_form(plan: MoEPlan, adapter_name: str, x: torch.Tensor | None, act=None) -> MoEPlan:
     """``stockify`` for the stock architecture this plan's source and shared expert map to."""
     return stockify(plan, stock_target(adapter_name, plan.shared_width > 0), x, act)
 
 
-def stockify(plan: MoEPlan, target: StockTarget, x: torch.Tensor | None, act=torch.nn.functional.silu) -> MoEPlan:
+def stockify(plan: MoEPlan, target: StockTarget, x: torch.Tensor | None, act=None) -> MoEPlan:
     """The plan as stock llama.cpp computes it: linear router (fitted if need be), epsilon-scaled logits, softmax
     gating, folded expert scale. ``x``: the layer's calibration MLP inputs (T, d), or None for data-free plans."""
     E, k = plan.n_experts, plan.top_k

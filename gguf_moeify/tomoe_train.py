@@ -104,7 +104,7 @@ def hard_gumbel_softmax(logits: torch.Tensor, gen: torch.Generator, noise: float
 class MaskedMLP(nn.Module):
     """A dense SwiGLU MLP (weights borrowed, frozen) with ToMoE's router and per-token expert mask."""
 
-    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, router: nn.Linear, act=F.silu):
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, router: nn.Linear, act):
         super().__init__()
         self.act = act
         self.gate, self.up, self.down = gate, up, down     # plain tensors: not parameters of this module

@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gguf_moeify.adapters import adapter_for
 from gguf_moeify.budget import allocate, error_curve
@@ -61,13 +62,13 @@ def test_error_curve_is_the_moe_error_at_each_k():
     gate, up = torch.randn(d_ff, d, generator=g), torch.randn(d_ff, d, generator=g)
     down, x = torch.randn(d, d_ff, generator=g) / 8, torch.randn(T, d, generator=g)
     resid = torch.randn(T, d, generator=g) * 4
-    plan = plan_layer(0, gate, up, down, MethodOptions(experts=8, shared=1, top_k=3), LayerCalib(x=x))
+    plan = plan_layer(0, gate, up, down, MethodOptions(experts=8, shared=1, top_k=3), LayerCalib(x=x, act=F.silu))
     dense = (torch.nn.functional.silu(x @ gate.t()) * (x @ up.t())) @ down.t()
-    curve = error_curve(MoEMLP(plan, gate, up, down), x, resid, dense)
+    curve = error_curve(MoEMLP(plan, gate, up, down, F.silu), x, resid, dense)
     assert curve.shape == (7,)
     scale = float((resid + dense).pow(2).sum())
     for k in (1, 3, 7):
-        direct = float((MoEMLP(replace(plan, top_k=k), gate, up, down)(x) - dense).pow(2).sum()) / scale
+        direct = float((MoEMLP(replace(plan, top_k=k), gate, up, down, F.silu)(x) - dense).pow(2).sum()) / scale
         assert curve[k - 1] == pytest.approx(direct, rel=1e-4, abs=1e-9)
     assert curve[-1] < 1e-10          # every expert active: the dense MLP
 

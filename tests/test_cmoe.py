@@ -72,14 +72,14 @@ def test_router_picks_the_same_experts_as_a_direct_computation():
     d, d_ff = 16, 64
     gate, up, down = torch.randn(d_ff, d), torch.randn(d_ff, d), torch.randn(d, d_ff)
     x = torch.randn(400, d)
-    plan = plan_layer(0, gate, up, down, MethodOptions(experts=8, shared=1, top_k=3), LayerCalib(x=x))
+    plan = plan_layer(0, gate, up, down, MethodOptions(experts=8, shared=1, top_k=3), LayerCalib(x=x, act=F.silu))
     assert plan.router.kind == "cmoe" and plan.top_k == 3 and plan.shared_width == 8
     reps = torch.as_tensor(plan.info["representatives"])
     g, u = F.normalize(gate[reps], dim=1), F.normalize(up[reps], dim=1)
     xt = torch.randn(20, d) * 3
     direct = ((xt @ u.t()) * F.silu(xt @ g.t())).abs()
     want = torch.topk(direct, 3).indices.sort(1).values
-    got = MoEMLP(plan, gate, up, down).select(xt).sort(1).values
+    got = MoEMLP(plan, gate, up, down, F.silu).select(xt).sort(1).values
     assert torch.equal(got, want)
 
 

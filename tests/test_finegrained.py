@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gguf_moeify.calibration import LayerCalib
 from gguf_moeify.methods import FinegrainedOptions, MethodOptions
@@ -25,24 +26,24 @@ def _layer(seed=0, d=16, d_ff=64, T=2000):
 def test_partition_shared_and_exactness(router):
     gate, up, down, x = _layer()
     opts = MethodOptions(experts=8, shared=2, top_k=2, own=FinegrainedOptions(router=router, router_hidden=32))
-    plan = plan_layer(0, gate, up, down, opts, LayerCalib(x=x))
+    plan = plan_layer(0, gate, up, down, opts, LayerCalib(x=x, act=F.silu))
     assert plan.experts.shape == (6, 8) and plan.shared_width == 16
     assert sorted(np.concatenate([plan.shared, plan.experts.reshape(-1)]).tolist()) == list(range(64))
-    mean_imp = importance(x, gate, up, down, "weighted").mean(0).numpy()
+    mean_imp = importance(x, gate, up, down, "weighted", F.silu).mean(0).numpy()
     assert mean_imp[plan.shared].min() >= mean_imp[plan.experts.reshape(-1)].max()
     assert plan.router.kind == router
-    again = plan_layer(0, gate, up, down, opts, LayerCalib(x=x))
+    again = plan_layer(0, gate, up, down, opts, LayerCalib(x=x, act=F.silu))
     assert np.array_equal(plan.experts, again.experts)
     assert all(np.array_equal(plan.router.tensors[k], again.router.tensors[k]) for k in plan.router.tensors)
     plan = replace(plan, top_k=plan.n_experts)
     dense = (torch.nn.functional.silu(x @ gate.t()) * (x @ up.t())) @ down.t()
-    assert torch.allclose(MoEMLP(plan, gate, up, down)(x), dense, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(MoEMLP(plan, gate, up, down, F.silu)(x), dense, rtol=1e-4, atol=1e-4)
 
 
 def test_weighted_statistic_differs_from_activation():
     gate, up, down, x = _layer()
-    w = importance(x, gate, up, down, "weighted")
-    a = importance(x, gate, up, down, "activation")
+    w = importance(x, gate, up, down, "weighted", F.silu)
+    a = importance(x, gate, up, down, "activation", F.silu)
     assert torch.allclose(w, a * down.norm(dim=0))
 
 
@@ -51,13 +52,13 @@ def test_trained_router_finds_the_oracle_experts(router, loss):
     gate, up, down, x = _layer(seed=1, T=4000)
     own = FinegrainedOptions(router=router, router_hidden=64, router_loss=loss or "mse")
     opts = MethodOptions(experts=8, shared=0, top_k=2, own=own)
-    plan = plan_layer(0, gate, up, down, opts, LayerCalib(x=x))
+    plan = plan_layer(0, gate, up, down, opts, LayerCalib(x=x, act=F.silu))
     recall = plan.info["router_recall_at_k_heldout"]
     chance = 2 / 8
     assert recall > 2 * chance, recall
     # recall@k is measured against the oracle's output norms, which MoEMLP's oracle ranks by
-    norms = expert_output_norms(x[:50], gate, up, down, plan.experts)
-    moe = MoEMLP(plan, gate, up, down, oracle=True)
+    norms = expert_output_norms(x[:50], gate, up, down, plan.experts, F.silu)
+    moe = MoEMLP(plan, gate, up, down, F.silu, oracle=True)
     picked = moe.select(x[:50])
     assert torch.equal(picked.sort(1).values, torch.topk(norms, 2, dim=1).indices.sort(1).values)
 

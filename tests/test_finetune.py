@@ -6,6 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gguf_moeify.adapters import adapter_for
 from gguf_moeify.checkpoint import Checkpoint
@@ -169,7 +170,7 @@ def test_straight_through_router_keeps_the_hard_forward_and_gets_gradients():
         torch.randn(d, d_ff, generator=gen)
     plan = MoEPlan(layer=0, d_ff=d_ff, experts=np.arange(48).reshape(6, 8), top_k=2, shared=np.arange(48, 64),
                    router=Router("linear", {"weight": np.random.default_rng(0).normal(size=(6, d))}))
-    moe = MoEMLP(plan, gate, up, down)
+    moe = MoEMLP(plan, gate, up, down, F.silu)
     x = torch.randn(40, d, generator=gen)
     with torch.no_grad():
         hard = moe(x)

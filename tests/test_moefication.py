@@ -6,6 +6,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gguf_moeify.adapters import adapter_for
 from gguf_moeify.calibration import LayerCalib
@@ -33,11 +34,11 @@ def _layer(seed=0, d=16, d_ff=64, T=300):
 def test_splits_are_equal_size_partitions(split, shared):
     gate, up, down, x = _layer()
     opts = MethodOptions(experts=8, shared=shared, top_k=2, own=MoEficationOptions(split=split, router="similarity"))
-    plan = plan_layer(0, gate, up, down, opts, LayerCalib(x=x))
+    plan = plan_layer(0, gate, up, down, opts, LayerCalib(x=x, act=F.silu))
     assert plan.experts.shape == (8 - shared, 8) and plan.shared_width == 8 * shared
     every = np.concatenate([plan.shared, plan.experts.reshape(-1)])
     assert sorted(every.tolist()) == list(range(64))
-    again = plan_layer(0, gate, up, down, opts, LayerCalib(x=x))
+    again = plan_layer(0, gate, up, down, opts, LayerCalib(x=x, act=F.silu))
     assert np.array_equal(plan.experts, again.experts)
     # similarity router = mean normalised gate rows of each expert, as a linear router
     gn = torch.nn.functional.normalize(gate, dim=1)
@@ -61,8 +62,8 @@ def test_mlp_router_training_lowers_heldout_loss_and_folds_standardisation():
 def test_oracle_picks_experts_by_output_norm():
     gate, up, down, x = _layer(1)
     plan = plan_layer(0, gate, up, down, MethodOptions(experts=8, top_k=2, own=MoEficationOptions(split="param")),
-                      LayerCalib(x=x))
-    moe = MoEMLP(plan, gate, up, down, oracle=True)
+                      LayerCalib(x=x, act=F.silu))
+    moe = MoEMLP(plan, gate, up, down, F.silu, oracle=True)
     xt = x[:10]
     norms = torch.stack([moe._expert(e, xt).norm(dim=-1) for e in range(8)], -1)
     assert torch.equal(moe.select(xt).sort(1).values, torch.topk(norms, 2).indices.sort(1).values)

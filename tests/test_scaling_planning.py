@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from gguf_moeify import timing
 from gguf_moeify.linalg import ridge_least_squares
@@ -20,9 +21,9 @@ def test_expert_norms_from_gram_matrices_equal_the_explicit_outputs():
     down = torch.randn(d, d_ff, generator=g)
     x = torch.randn(T, d, generator=g)
     experts = np.random.default_rng(0).permutation(d_ff)[:80].reshape(10, 8)
-    h = activations(x, gate, up)
+    h = activations(x, gate, up, F.silu)
     explicit = torch.stack([(h[:, e] @ down[:, e].t()).norm(dim=1) for e in map(torch.as_tensor, experts)], 1)
-    assert torch.allclose(expert_output_norms(x, gate, up, down, experts), explicit, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(expert_output_norms(x, gate, up, down, experts, F.silu), explicit, rtol=1e-5, atol=1e-5)
 
 
 def test_chunked_ridge_equals_the_one_shot_float64_solution(monkeypatch):
@@ -64,8 +65,8 @@ def test_masked_dense_propagation_equals_the_moe_forward():
     d, d_ff = 16, 128
     gate, up = torch.randn(d_ff, d, generator=g), torch.randn(d_ff, d, generator=g)
     down, x = torch.randn(d, d_ff, generator=g), torch.randn(400, d, generator=g)
-    plan = plan_layer(0, gate, up, down, MethodOptions(experts=16, shared=3, top_k=5), LayerCalib(x=x))
-    moe = MoEMLP(plan, gate, up, down)
+    plan = plan_layer(0, gate, up, down, MethodOptions(experts=16, shared=3, top_k=5), LayerCalib(x=x, act=F.silu))
+    moe = MoEMLP(plan, gate, up, down, F.silu)
     forward = moe_forward(moe)
     assert forward is not moe                                   # 8-neuron experts: the dense form
     ref = moe(x)

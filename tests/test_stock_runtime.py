@@ -12,6 +12,7 @@ import math
 import gguf
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gguf_moeify.errors import UserError
 from gguf_moeify.convert import make_plans
@@ -43,7 +44,7 @@ def _stock_routed_plans(kind: str, shared: int, top_k: int = 3):
 
     def make(ckpt, adapter):
         target = stock_target(adapter.name, shared > 0)
-        return [stockify(p, target, _inputs(ckpt.n_embd)) for p in routed(ckpt, adapter)]
+        return [stockify(p, target, _inputs(ckpt.n_embd), F.silu) for p in routed(ckpt, adapter)]
     return make
 
 
@@ -80,7 +81,7 @@ def test_stock_form_is_the_unit_gate_plan_within_its_bound(tiny_models, tmp_path
     unit = _routed_plans("linear", top_k=3, experts=8, shared=shared)(ckpt, adapter)
     target = stock_target(adapter.name, shared > 0)
     x = _inputs(ckpt.n_embd)
-    stocked = [stockify(p, target, x) for p in unit]
+    stocked = [stockify(p, target, x, F.silu) for p in unit]
     for p in stocked:
         assert p.info["stock_router_agreement"] > 0.99
         assert p.expert_scale == (3 if target.norm_weights else p.n_experts)
@@ -101,7 +102,7 @@ def test_stock_form_is_the_unit_gate_plan_within_its_bound(tiny_models, tmp_path
     from gguf_moeify.moe_torch import MoEMLP
     mlp = [ckpt.get(n) for n in adapter.mlp_names(0)]
     for mode in ("expert", "neuron"):
-        a, b = (MoEMLP(p, *mlp, oracle=mode)(x[:256]) for p in (unit[0], stocked[0]))
+        a, b = (MoEMLP(p, *mlp, F.silu, oracle=mode)(x[:256]) for p in (unit[0], stocked[0]))
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), mode
     tokens = torch.randint(0, ckpt.config["vocab_size"], (CTX * CHUNKS,), generator=torch.Generator().manual_seed(0))
     a = _torch_ppl(ckpt, adapter, unit, tokens.tolist())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gguf_moeify.adapters import adapter_for
 from gguf_moeify.calibration import tokenize_text
@@ -124,7 +125,7 @@ def test_export_layout_and_math():
     assert len(set(choice.tolist())) == E
     h = torch.nn.functional.silu(x @ gate.t()) * (x @ up.t())
     want = (h * m[0, choice].float()) @ down.t()
-    moe = MoEMLP(plan, gate, up, down)
+    moe = MoEMLP(plan, gate, up, down, F.silu)
     torch.testing.assert_close(moe(x), want, rtol=1e-4, atol=1e-4)
     # the neuron oracle counts each used neuron once (not its copies, not padding): here its budget (shared +
     # width = 128) exceeds the 111 used neurons, so it keeps exactly those

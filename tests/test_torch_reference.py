@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gguf_moeify.adapters import adapter_for
 from gguf_moeify.checkpoint import Checkpoint
@@ -44,7 +45,7 @@ def test_routing_selects_top_k_by_score():
     router = np.random.default_rng(0).standard_normal((4, d)).astype(np.float32)
     plan = MoEPlan(layer=0, d_ff=d_ff, experts=experts, top_k=2, router=Router("linear", {"weight": router}),
                    shared=np.arange(8))
-    moe = MoEMLP(plan, gate, up, down)
+    moe = MoEMLP(plan, gate, up, down, F.silu)
     x = torch.randn(5, d)
     chosen = torch.topk(x @ torch.as_tensor(router).t(), 2).indices
     for t in range(5):
@@ -105,7 +106,7 @@ def test_f16_router_rounds_matrices_whenever_built():
     assert np.array_equal(r.tensors["w1"], as_f16) and r.dtype == "f16"
     plan = MoEPlan(layer=0, d_ff=8, experts=np.arange(8).reshape(4, 2), top_k=2, router=r)
     d = torch.randn(8, 8) / 3
-    moe = MoEMLP(plan, d, d, d)
+    moe = MoEMLP(plan, d, d, d, F.silu)
     x = torch.randn(5, 8) + 1 / 3
     t = {k: torch.as_tensor(v) for k, v in r.tensors.items()}
     xr = x.half().float()

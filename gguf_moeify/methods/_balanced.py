@@ -126,7 +126,6 @@ def balanced_kmeans(points: np.ndarray, k: int, seed: int = 0, iters: int = 8) -
     Each assignment starts from the previous one's cluster prices. Returns labels (n,), each cluster of exactly
     n/k points."""
     pts = np.asarray(points, dtype=np.float64)
-    n = pts.shape[0]
     rng = np.random.default_rng(seed)
     sq = (pts ** 2).sum(1)
     centres = pts[_kmeans_pp(pts.astype(np.float32), k, rng)]

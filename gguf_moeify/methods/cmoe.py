@@ -70,7 +70,7 @@ def validate(opts: MethodOptions, d_ff: int) -> None:
 
 
 @torch.no_grad()
-def activation_markers(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, ka: int, act=F.silu) -> torch.Tensor:
+def activation_markers(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, ka: int, act) -> torch.Tensor:
     """(T, d_ff) bool: the top-``ka`` neurons by |h| of each token, h from normalised x and weight rows."""
     g = F.normalize(gate.float(), dim=1)
     u = F.normalize(up.float(), dim=1)

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import UserError
 from ..sizing import active_fraction_default
@@ -69,7 +68,7 @@ def default_top_k(opts: MethodOptions) -> int:
     return active_fraction_default(opts.experts, opts.shared)
 
 
-def _h_chunks(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, chunk: int = CHUNK, act=F.silu):
+def _h_chunks(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act, chunk: int = CHUNK):
     g, u = gate.float(), up.float()
     for s in range(0, x.shape[0], chunk):
         xc = x[s:s + chunk].float()
@@ -77,10 +76,10 @@ def _h_chunks(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, chunk: int 
 
 
 @torch.no_grad()
-def activations(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act=F.silu) -> torch.Tensor:
+def activations(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act) -> torch.Tensor:
     """(T, d_ff) float32 h = silu(W_gate x) ⊙ (W_up x) for every row of x."""
     out = torch.empty(x.shape[0], gate.shape[0])
-    for s, h in _h_chunks(x, gate, up, act=act):
+    for s, h in _h_chunks(x, gate, up, act):
         out[s:s + h.shape[0]] = h
     return out
 
@@ -91,7 +90,7 @@ def neuron_weights(down: torch.Tensor, stat: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def importance(x, gate, up, down, stat: str, act=F.silu) -> torch.Tensor:
+def importance(x, gate, up, down, stat: str, act) -> torch.Tensor:
     """(T, d_ff) float32 per-token neuron importance."""
     return activations(x, gate, up, act).abs_().mul_(neuron_weights(down, stat))
 
@@ -116,7 +115,7 @@ def _importance_marks(h: torch.Tensor, w: torch.Tensor, cols: np.ndarray, q: flo
 
 
 @torch.no_grad()
-def expert_output_norms(x, gate, up, down, experts: np.ndarray, act=F.silu) -> torch.Tensor:
+def expert_output_norms(x, gate, up, down, experts: np.ndarray, act) -> torch.Tensor:
     """(T, E) ||W_down_e h_e|| per token and expert: what the oracle ranks by."""
     ex = torch.as_tensor(experts.reshape(-1))
     h = activations(x, gate[ex], up[ex], act)

@@ -67,7 +67,7 @@ def default_top_k(opts: MethodOptions) -> int:
 
 
 @torch.no_grad()
-def _abs_h(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act=F.silu):
+def _abs_h(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act):
     """Chunks of |h| (rows of x, d_ff), float32."""
     g, u = gate.float(), up.float()
     for s in range(0, x.shape[0], CHUNK):
@@ -107,7 +107,7 @@ def plan_layer(layer: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Ten
     return MoEPlan(layer=layer, d_ff=d_ff, experts=experts, top_k=top_k, router=router, shared=shared, info=info)
 
 
-def _shared_split(x, gate, up, down, n_shared: int, act=F.silu) -> tuple[np.ndarray, np.ndarray]:
+def _shared_split(x, gate, up, down, n_shared: int, act) -> tuple[np.ndarray, np.ndarray]:
     """(shared, rest) sorted neuron indices: the ``n_shared`` largest mean |h| * ||W_down[:, i]|| are shared."""
     d_ff = gate.shape[0]
     if not n_shared:
@@ -120,14 +120,14 @@ def _shared_split(x, gate, up, down, n_shared: int, act=F.silu) -> tuple[np.ndar
     return np.sort(order[:n_shared]), np.sort(order[n_shared:])
 
 
-def _coact_counts(x, gate, up, idx: np.ndarray, act=F.silu) -> torch.Tensor:
+def _coact_counts(x, gate, up, idx: np.ndarray, act) -> torch.Tensor:
     """Co-activation counts among the neurons ``idx``: active = among a token's top COACT_FRACTION by |h|."""
     sub_g, sub_u = gate[torch.as_tensor(idx)], up[torch.as_tensor(idx)]
     top = max(1, int(round(COACT_FRACTION * len(idx))))
     return coactivation_counts(top_marks(h, top) for h in _abs_h(x, sub_g, sub_u, act))
 
 
-def _mlp_router(x, gate, up, experts: np.ndarray, seed: int, info: dict, act=F.silu) -> Router:
+def _mlp_router(x, gate, up, experts: np.ndarray, seed: int, info: dict, act) -> Router:
     """The trained MLP router: targets are each expert's share of the token's activation mass."""
     k, m = experts.shape
     target = torch.zeros(x.shape[0], k)
