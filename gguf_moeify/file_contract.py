@@ -1,6 +1,6 @@
 """The MoE file contract of the patched llama.cpp (patches/README.md), checked on a GGUF's keys and tensors.
 
-The rules are the ones the patched loader enforces (patch 0018 turns each of them into a load error), so
+The rules are the ones the patched loader enforces (patch 0016 turns each of them into a load error), so
 ``inspect --check`` refuses every file llama.cpp would refuse, and says why in llama.cpp's terms: keys by their
 GGUF name, layers by index, shapes in ggml order (``ne``, the reverse of numpy's). A few checks go further than the
 loader can before it reads the weights (the always-selected experts' bias values).

@@ -22,7 +22,7 @@ EXPERT_SHARED_COUNT = _LLM.EXPERT_SHARED_COUNT
 # this project's keys
 EXPERT_ROUTER_TYPE = "{arch}.expert_router_type"          # patch 0003: ROUTER_TYPE_IDS
 EXPERT_WEIGHTS_UNIT = "{arch}.expert_weights_unit"        # patch 0001: chosen experts summed with weight 1
-ALWAYS_SELECTED_EXPERTS = "gguf_moeify.always_selected_experts"   # checked by the loader since patch 0018
+ALWAYS_SELECTED_EXPERTS = "gguf_moeify.always_selected_experts"   # checked by the loader since patch 0016
 PROVENANCE = "gguf_moeify.provenance"                     # JSON: tool, version, source model, method, options
 PLAN = "gguf_moeify.plan"                                 # JSON: every layer's plan summary
 

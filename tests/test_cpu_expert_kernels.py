@@ -9,7 +9,7 @@ on quantized files, in prompt processing (llama-perplexity evaluates batches of 
 - routed (top-2 of 4, uneven rows per expert): the repacked path equals the plain CPU path (``--no-repack``).
 Micro-batches of 50 tokens, so experts get row counts that are not multiples of 4; and, for decoding (patches 0009,
 0010), micro-batches of one and three tokens: all experts active == the dense file, q4_0 repacked and not.
-And the q4_0 gemv of 0016 (AVX512-VNNI): a dense file decoded on the patched build == the stock build.
+And the q4_0 gemv of 0015 (AVX512-VNNI): a dense file decoded on the patched build == the stock build.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from conftest import make_tiny_model
 from test_llama_cpp_parity import CTX, CHUNKS, F32_KV, _dense_reference_gguf, _write
 
 UBATCH = 50  # 128-token windows as 50 + 50 + 28 rows: leftovers after groups of 4
-VNNI_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}   # what 0016's kernel is compiled for
+VNNI_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}   # what 0015's kernels are compiled for
 
 
 def _cpu_flags() -> set[str]:
@@ -88,25 +88,25 @@ def test_decode_all_experts_active_equals_dense(tools, kquant_model, text_file, 
     per run), repacked (gemv) and not (vec_dot), compute the very rows of the dense file. Micro-batches of 1 and 3
     tokens read each activation row where 0010 quantized it once (one row for all experts of a token in gate/up).
     0014 cuts the used experts' rows into one contiguous range per thread: with 3 threads the ranges end inside
-    experts. 0015 sums the 16 experts' outputs inside the down product in two blocks of 8 (for one token, on
-    AVX512-VNNI: 0017's kernel, the block's experts side by side)."""
+    experts, and sums the 16 experts' outputs inside the down product in two blocks of 8 (for one token, on
+    AVX512-VNNI: 0015's kernel, the block's experts side by side)."""
     _assert_all_experts_active_equals_dense(tools, kquant_model, 16, "q4_0", text_file, tmp_path,
                                             (["-ub", "1"], ["-ub", "3"], ["-ub", "1", "-t", "3"],
                                              ["-ub", "3", "-t", "3"], ["-ub", "1", "--no-repack"]))
 
 
 def test_decode_long_expert_runs_equal_dense(smollm2_dir, tools, text_file, tmp_path):
-    """Experts of 512 neurons in a 256-wide model: each thread's run of an expert is 74 KB, so 0017 walks a block's 8
+    """Experts of 512 neurons in a 256-wide model: each thread's run of an expert is 74 KB, so 0015 walks a block's 8
     experts 4 at a time (two kernel calls a block, adding into the same sums); the result is still the dense file's.
     Tolerance 1e-3: the 16-block expert rows summed over 16 experts against 256-block dense rows move this random
-    model's perplexity (~1.8e5) by 2e-4 from the order of float additions alone (the same on the 0016 build, which
-    sums expert after expert); a block that lost or doubled 4 experts would move it by far more."""
+    model's perplexity (~1.8e5) by 2e-4 from the order of float additions alone (the same with 0015's gemv alone,
+    which sums expert after expert); a block that lost or doubled 4 experts would move it by far more."""
     model = make_tiny_model("llama", tmp_path / "wide", smollm2_dir, seed=5, hidden_size=256, intermediate_size=8192)
     _assert_all_experts_active_equals_dense(tools, model, 16, "q4_0", text_file, tmp_path, (["-ub", "1"],), tol=1e-3)
 
 
 def test_decode_gemv_q4_0_equals_stock(tools, stock_tools, smollm2_dir, text_file, tmp_path):
-    """0016 gives the q4_0 gemv (one activation row: decoding, dense and experts alike) an AVX512-VNNI kernel meant to
+    """0015 gives the q4_0 gemv (one activation row: decoding, dense and experts alike) an AVX512-VNNI kernel meant to
     be bit-identical to the stock one: a dense q4_0 file decoded in micro-batches of 1 and 3 tokens gives the stock
     build's chunk perplexities. d_ff 8448 makes the down rows 264 blocks long, so the kernel's second pass over
     activation blocks (256 at a time) runs too. Without AVX512-VNNI both builds run the stock kernel: skipped."""

@@ -1,4 +1,4 @@
-"""The patched llama.cpp loader against hostile MoE files (patch 0018), and ``inspect --check`` against the loader.
+"""The patched llama.cpp loader against hostile MoE files (patch 0016), and ``inspect --check`` against the loader.
 
 Two small converter files (qwen3: linear router, the shared expert as an always-selected expert, a per-layer
 expert_used_count; llama: MLP router, a separate shared expert) are rewritten with gguf-py in many ways (keys
@@ -8,7 +8,7 @@ clean load error (non-zero exit, no signal, no assert or abort in its output) or
 perplexity; the unmutated file's where the mutation keeps the function), as each mutation expects; and
 ``inspect --check`` must flag every file the loader refuses and pass the files that run.
 
-Run with ``-s`` to see the table of outcomes (docs/robustness.md has its counts before and after patch 0018).
+Run with ``-s`` to see the table of outcomes (docs/robustness.md has its counts without and with patch 0016).
 Needs build/llama-cpp/bin; skipped otherwise.
 """
 from __future__ import annotations
