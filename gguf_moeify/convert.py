@@ -13,7 +13,8 @@ from .adapters import Adapter, adapter_for
 from .checkpoint import Checkpoint
 from .errors import UserError
 from .finetune import LoRAOptions
-from .gguf_writer import KQUANT_OUTTYPES, OUTTYPES, output_temp_path, write_gguf
+from .gguf_writer import KQUANT_OUTTYPES, OUTTYPES, write_gguf
+from .output_file import output_temp_path
 from .methods import MethodOptions, get_method, resolve_options
 from .plan import ModelPlan, MoEPlan
 

@@ -30,7 +30,6 @@ from .checkpoint import Checkpoint
 from .errors import UserError
 from .gguf_keys import (ALWAYS_SELECTED_BIAS, EXPERT_TENSORS, GATE_UP_EXPS, PER_EXPERT_ROUTER_KEYS, PLAN, PROVENANCE,
                         ROUTER_TENSOR_NAMES, SELECTION_BIAS, expert_tensor_name)
-from .output_file import output_temp_path, remove_stale_temp_files  # noqa: F401  (convert's and the tests' names)
 from .plan import ModelPlan, MoEPlan, expert_tensors
 from .rope_layout import llama3_rope_factors, permute_qk
 from .targets import Target, target_for

@@ -135,7 +135,7 @@ class ModelPlan:
             raise ValueError(f"unknown target {self.target}")
         if self.shared_layout not in SHARED_LAYOUTS:
             raise ValueError(f"unknown shared layout {self.shared_layout}")
-        stock = self.target != "patched"
+        stock = self.stock
         first = self.layers[0]
         for i, p in enumerate(self.layers):
             if p.layer != i:
