@@ -33,11 +33,16 @@ from .errors import UserError
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = "bash scripts/build_llama_cpp.sh"
 
+# A command the tools run under, e.g. "qemu-aarch64 -cpu max" for a cross-compiled aarch64 build (emulated ARM)
+RUNNER_ENV = "GGUF_MOEIFY_LLAMA_RUNNER"
+
 VARIANTS = {
     # variant: (env override, folder under the project, build command)
     "patched": ("GGUF_MOEIFY_LLAMA_BIN", PROJECT_ROOT / "build" / "llama-cpp" / "bin", BUILD_SCRIPT),
     "stock": ("GGUF_MOEIFY_LLAMA_STOCK_BIN", PROJECT_ROOT / "build" / "llama-cpp-stock" / "bin",
               BUILD_SCRIPT + " --stock"),
+    # the patched series with llama.cpp's RPC backend and its rpc-server (a model spread over machines)
+    "rpc": ("GGUF_MOEIFY_LLAMA_RPC_BIN", PROJECT_ROOT / "build" / "llama-cpp-rpc" / "bin", BUILD_SCRIPT + " cpu --rpc"),
 }
 
 _EXE = ".exe" if os.name == "nt" else ""
@@ -154,9 +159,11 @@ def _default_threads() -> int:
 
 @dataclass
 class LlamaCppTools:
-    """The llama.cpp binaries in ``bin_dir`` (one build: patched or stock)."""
+    """The llama.cpp binaries in ``bin_dir`` (one build: patched or stock), run directly or under ``runner`` (an
+    emulator command, absolute path first)."""
     bin_dir: Path
     variant: str = "patched"
+    runner: tuple[str, ...] = ()
     timeout: float | None = None  # seconds per tool run; None = no limit
     retries: int = 5  # runs of llama-perplexity when its log lost the last lines (unpatched builds)
 
@@ -177,7 +184,7 @@ class LlamaCppTools:
     def _run(self, name: str, args: Sequence[str | os.PathLike],
              peak_rss: bool = False) -> tuple[subprocess.CompletedProcess, float | None]:
         """``run``, and with ``peak_rss`` the tool's peak resident memory in MiB (Linux: max RSS of its process)."""
-        cmd = [str(self.tool(name))] + [str(a) for a in args]
+        cmd = [*self.runner, str(self.tool(name))] + [str(a) for a in args]
         # stdout/stderr go to files, not pipes: an unpatched llama.cpp loses more of its async log on pipes
         with tempfile.TemporaryFile("w+b") as out, tempfile.TemporaryFile("w+b") as err, \
                 tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
@@ -311,7 +318,20 @@ def find_llama_cpp(variant: str = "patched") -> LlamaCppTools:
     bin_dir = Path(os.environ[env]).expanduser() if os.environ.get(env) else default
     if not (bin_dir / ("llama-perplexity" + _EXE)).is_file():
         raise UserError(f"llama.cpp build not found in {bin_dir}; build it with: {build}")
-    return LlamaCppTools(bin_dir=bin_dir.resolve(), variant=variant)
+    return LlamaCppTools(bin_dir=bin_dir.resolve(), variant=variant, runner=runner_from_env())
+
+
+def runner_from_env() -> tuple[str, ...]:
+    """``GGUF_MOEIFY_LLAMA_RUNNER`` split as a shell would, its program resolved on PATH; () when unset."""
+    import shlex
+    import shutil
+    words = shlex.split(os.environ.get(RUNNER_ENV, ""))
+    if not words:
+        return ()
+    program = shutil.which(words[0])
+    if program is None:
+        raise UserError(f"{RUNNER_ENV}: {words[0]} not found (for qemu-aarch64: apt-get install qemu-user)")
+    return (program, *words[1:])
 
 
 def relative_difference(a: float, b: float) -> float:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build llama.cpp (pinned commit 0c1e57098) with the gguf_moeify patch series, for the runtime tests and evaluation.
 #
-# Usage: bash scripts/build_llama_cpp.sh [cpu|cuda|metal] [--stock | --profile] [--with-cli]
+# Usage: bash scripts/build_llama_cpp.sh [cpu|cuda|metal|aarch64] [--stock | --profile] [--rpc] [--with-cli]
 #   cpu (default)  plain CPU build
 #   cuda           adds -DGGML_CUDA=ON -DGGML_CUDA_NO_VMM=ON; cuBLAS comes from PyPI's nvidia-cublas wheel
 #                  (the venv's, else pip-installed once into the cache) and is passed to CMake by path
@@ -9,6 +9,13 @@
 #                  the include dir point into the wheel). CMAKE_CUDA_ARCHITECTURES (env) picks the GPUs; default
 #                  native, or 90 when no GPU is visible. A full sm_90 build takes ~25 min on 2 cores.
 #   metal          adds -DGGML_METAL=ON (macOS only)
+#   aarch64        cross-compiled on x86_64 Linux for 64-bit ARM Linux with Debian's g++-aarch64-linux-gnu, for the
+#                  CPU features of ARM_ARCH (env; -DGGML_CPU_ARM_ARCH, default armv8.2-a+dotprod; e.g.
+#                  armv8.6-a+i8mm), with OpenMP as the x86 build (so libstdc++ and libgomp stay shared libraries:
+#                  on ARM Linux they are the system's; here qemu-user finds them with -L /usr/aarch64-linux-gnu),
+#                  into build/llama-cpp-aarch64-<ARM_ARCH>/bin; see scripts/test_aarch64.sh
+#   --rpc          also llama.cpp's RPC backend (-DGGML_RPC=ON) and its server ggml-rpc-server, into
+#                  build/llama-cpp-rpc/bin
 #   --stock        unpatched llama.cpp, only llama-perplexity and llama-completion (reference for "stock" files)
 #   --profile      the patch series plus scripts/profile/node-timer.patch (per-node timing), only llama-bench, into
 #                  build/llama-cpp-prof/bin, for scripts/profile_decode.py
@@ -43,15 +50,17 @@ STOCK=0
 PROFILE=0
 WITH_CLI=0
 CONFIGURE_ONLY=0
+RPC=0
 for arg in "$@"; do
     case "$arg" in
-        cpu|cuda|metal) BACKEND="$arg" ;;
+        cpu|cuda|metal|aarch64) BACKEND="$arg" ;;
+        --rpc) RPC=1 ;;
         --stock) STOCK=1 ;;
         --profile) PROFILE=1 ;;
         --with-cli) WITH_CLI=1 ;;
         --configure-only) CONFIGURE_ONLY=1 ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
-        *) echo "build_llama_cpp.sh: unknown argument '$arg' (expected cpu|cuda|metal, --stock, --profile, --with-cli, --configure-only)" >&2; exit 2 ;;
+        *) echo "build_llama_cpp.sh: unknown argument '$arg' (expected cpu|cuda|metal|aarch64, --stock, --profile, --rpc, --with-cli, --configure-only)" >&2; exit 2 ;;
     esac
 done
 [[ $STOCK == 1 && $PROFILE == 1 ]] && { echo "build_llama_cpp.sh: --stock and --profile exclude each other" >&2; exit 2; }
@@ -116,15 +125,30 @@ else
     TARGETS=(llama-perplexity llama-completion)
 fi
 [[ $WITH_CLI == 1 ]] && TARGETS+=(llama-cli llama-server)
+if [[ $RPC == 1 ]]; then
+    TARGETS+=(ggml-rpc-server)
+    [[ $STOCK == 0 && $PROFILE == 0 ]] && OUT="$PROJECT/build/llama-cpp-rpc"
+fi
+# the backend part of the cache key (and of the folder of old builds pruned below)
+KEY_BACKEND="$BACKEND"
+if [[ $BACKEND == aarch64 ]]; then
+    ARM_ARCH="${ARM_ARCH:-armv8.2-a+dotprod}"
+    [[ "$ARM_ARCH" =~ ^armv[0-9.]+-a(\+[a-z0-9]+)*$ ]] || die "ARM_ARCH '$ARM_ARCH' is not like armv8.2-a+dotprod"
+    command -v aarch64-linux-gnu-g++ >/dev/null \
+        || die "aarch64-linux-gnu-g++ not found: install it (apt-get install g++-aarch64-linux-gnu)"
+    KEY_BACKEND="aarch64-${ARM_ARCH//+/_}"
+    OUT="${OUT/\/build\/llama-cpp/\/build\/llama-cpp-aarch64-${ARM_ARCH//+/_}}"
+fi
+[[ $RPC == 1 ]] && KEY_BACKEND="$KEY_BACKEND-rpc"
 # x86: no AMX tile kernels (ggml's -march=native would compile them in on Sapphire Rapids and later). Seen here: a VM
 # whose CPU reports AMX ran them into SIGILL (tilezero on a tile whose configuration the VM had not kept), in the
 # stock build as well, for any q4_0/q8_0 batch; and the patch series' MUL_MAT_ID kernels are the repacked ones.
 # GGML_MOEIFY_AMX=1 keeps ggml's default.
 NO_AMX_FLAGS=""
-if [[ "$(uname -m)" == x86_64 && "${GGML_MOEIFY_AMX:-0}" != 1 ]]; then
+if [[ "$(uname -m)" == x86_64 && "${GGML_MOEIFY_AMX:-0}" != 1 && $BACKEND != aarch64 ]]; then
     NO_AMX_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 fi
-KEY="$COMMIT-$BACKEND${NO_AMX_FLAGS:+-noamx}-$PKEY"
+KEY="$COMMIT-$KEY_BACKEND${NO_AMX_FLAGS:+-noamx}-$PKEY"
 WORK="$CACHE/builds/$KEY"
 STAMP="$WORK/build/.complete-$(echo "${TARGETS[*]}" | tr ' ' '+')"
 echo "[build_llama_cpp] source $SRC"
@@ -163,6 +187,10 @@ else
     case "$BACKEND" in
         cpu) ;;
         metal) CMAKE_ARGS+=(-DGGML_METAL=ON) ;;
+        aarch64)   # later -D values win: no -march=native of the build machine
+            CMAKE_ARGS+=(-DCMAKE_SYSTEM_NAME=Linux -DCMAKE_SYSTEM_PROCESSOR=aarch64
+                         -DCMAKE_C_COMPILER=aarch64-linux-gnu-gcc -DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++
+                         -DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH="$ARM_ARCH" -DCMAKE_EXE_LINKER_FLAGS=) ;;
         cuda)
             command -v nvcc >/dev/null || [[ -x /usr/local/cuda/bin/nvcc ]] || die "nvcc not found (install the CUDA toolkit)"
             command -v nvcc >/dev/null || export PATH="/usr/local/cuda/bin:$PATH"
@@ -196,6 +224,7 @@ else
             [[ -n "${CMAKE_CUDA_ARCHITECTURES:-}" ]] && CMAKE_ARGS+=(-DCMAKE_CUDA_ARCHITECTURES="$CMAKE_CUDA_ARCHITECTURES")
             ;;
     esac
+    [[ $RPC == 1 ]] && CMAKE_ARGS+=(-DGGML_RPC=ON)
     # shellcheck disable=SC2206
     [[ -n "${EXTRA_CMAKE_ARGS:-}" ]] && CMAKE_ARGS+=($EXTRA_CMAKE_ARGS)
     cmake -S "$WORK/src" -B "$WORK/build" "${CMAKE_ARGS[@]}" > "$WORK/configure.log" 2>&1 \
@@ -228,7 +257,7 @@ rm -rf "$OUT/bin"
 mv "$OUT/bin.tmp" "$OUT/bin"
 {
     echo "commit=$COMMIT"
-    echo "backend=$BACKEND"
+    echo "backend=$KEY_BACKEND"
     echo "variant=$([[ $STOCK == 1 ]] && echo stock || { [[ $PROFILE == 1 ]] && echo profile; } || echo patched)"
     echo "patch_key=$PKEY"
     for p in "${PATCHES[@]}"; do echo "patch=$(basename "$p")"; done
@@ -244,7 +273,7 @@ if [[ $STOCK == 0 ]]; then
     else
         FILTER=(grep -v -e '-stock$' -e '-prof$')
     fi
-    { ls -1dt "$CACHE/builds/$COMMIT-$BACKEND-"* 2>/dev/null || true; } | { "${FILTER[@]}" || true; } \
+    { ls -1dt "$CACHE/builds/$COMMIT-$KEY_BACKEND${NO_AMX_FLAGS:+-noamx}-"* 2>/dev/null || true; } | { "${FILTER[@]}" || true; } \
         | tail -n +$((KEEP + 1)) | while read -r old; do
             echo "[build_llama_cpp] removing an older patched build: $old"
             rm -rf "$old"
