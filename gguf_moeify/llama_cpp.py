@@ -35,6 +35,8 @@ BUILD_SCRIPT = "bash scripts/build_llama_cpp.sh"
 
 # A command the tools run under, e.g. "qemu-aarch64 -cpu max" for a cross-compiled aarch64 build (emulated ARM)
 RUNNER_ENV = "GGUF_MOEIFY_LLAMA_RUNNER"
+# Layers the tools offload to a GPU (-ngl); 0, the CPU only, unless set (e.g. 99 to check a CUDA build)
+NGL_ENV = "GGUF_MOEIFY_LLAMA_NGL"
 
 VARIANTS = {
     # variant: (env override, folder under the project, build command)
@@ -164,6 +166,7 @@ class LlamaCppTools:
     bin_dir: Path
     variant: str = "patched"
     runner: tuple[str, ...] = ()
+    ngl: int = 0          # -ngl of every tool run (GGUF_MOEIFY_LLAMA_NGL)
     timeout: float | None = None  # seconds per tool run; None = no limit
     retries: int = 5  # runs of llama-perplexity when its log lost the last lines (unpatched builds)
 
@@ -214,7 +217,7 @@ class LlamaCppTools:
     # ---- llama-perplexity
     def _ppl_args(self, model, ctx, chunks, threads, batch) -> list[str]:
         args = ["-m", str(model), "-c", str(ctx), "-t", str(threads or _default_threads()),
-                "-b", str(batch or ctx), "-ub", str(batch or ctx), "-fit", "off", "-ngl", "0"]
+                "-b", str(batch or ctx), "-ub", str(batch or ctx), "-fit", "off", "-ngl", str(self.ngl)]
         if chunks is not None:
             args += ["--chunks", str(chunks)]
         return args
@@ -266,7 +269,7 @@ class LlamaCppTools:
         ``peak_rss_mib`` (max resident set of the llama-bench process: mmapped weights count once resident) and
         ``tests`` (llama-bench's JSON list, one entry per test)."""
         args = ["-m", str(model), "-p", str(n_prompt), "-n", str(n_gen), "-t", str(threads or _default_threads()),
-                "-r", str(reps), "-ngl", "0", "-o", "json"]
+                "-r", str(reps), "-ngl", str(self.ngl), "-o", "json"]
         proc, rss_mib = self._run("llama-bench", args + list(extra), peak_rss=True)
         start = proc.stdout.find("[")
         try:
@@ -298,7 +301,7 @@ class LlamaCppTools:
         """Greedy (temp 0), non-interactive generation; returns the generated text only (no prompt)."""
         args = ["-m", str(model), "-p", prompt, "-n", str(n_predict), "-s", str(seed), "--temp", str(temp),
                 "-t", str(threads or _default_threads()), "-no-cnv", "--no-display-prompt", "--simple-io",
-                "-fit", "off", "-ngl", "0", "--no-warmup"]
+                "-fit", "off", "-ngl", str(self.ngl), "--no-warmup"]
         if ctx is not None:
             args += ["-c", str(ctx)]
         proc = self.run("llama-completion", args + list(extra))
@@ -318,7 +321,10 @@ def find_llama_cpp(variant: str = "patched") -> LlamaCppTools:
     bin_dir = Path(os.environ[env]).expanduser() if os.environ.get(env) else default
     if not (bin_dir / ("llama-perplexity" + _EXE)).is_file():
         raise UserError(f"llama.cpp build not found in {bin_dir}; build it with: {build}")
-    return LlamaCppTools(bin_dir=bin_dir.resolve(), variant=variant, runner=runner_from_env())
+    ngl = os.environ.get(NGL_ENV, "0")
+    if not ngl.isdigit():
+        raise UserError(f"{NGL_ENV} must be a number of layers, not {ngl!r}")
+    return LlamaCppTools(bin_dir=bin_dir.resolve(), variant=variant, runner=runner_from_env(), ngl=int(ngl))
 
 
 def runner_from_env() -> tuple[str, ...]:
