@@ -1,9 +1,11 @@
 """Run the llama.cpp tools built by ``scripts/build_llama_cpp.sh`` and parse what they print.
 
-Two builds live in the project folder: the patched runtime (``build/llama-cpp/bin``, patches/ applied: unit expert
-weights, shared experts, router types) and stock llama.cpp (``build/llama-cpp-stock/bin``). ``find_llama_cpp`` finds
-one of them (``GGUF_MOEIFY_LLAMA_BIN`` / ``GGUF_MOEIFY_LLAMA_STOCK_BIN`` override the folder) and returns a
-``LlamaCppTools`` whose methods run the binaries in a subprocess:
+Three builds live in the project folder: the patched runtime (``build/llama-cpp/bin``, patches/ applied: unit expert
+weights, shared experts, router types), stock llama.cpp (``build/llama-cpp-stock/bin``) and the patched one with the
+RPC backend (``build/llama-cpp-rpc/bin``). ``find_llama_cpp`` finds one of them (``GGUF_MOEIFY_LLAMA_BIN`` /
+``_STOCK_BIN`` / ``_RPC_BIN`` override the folder; ``GGUF_MOEIFY_LLAMA_RUNNER`` runs the tools under an emulator,
+``GGUF_MOEIFY_LLAMA_NGL`` offloads layers) and returns a ``LlamaCppTools`` whose methods run the binaries in a
+subprocess (the module is long because it runs and parses five tools, each with its own output format):
 
 - ``perplexity`` (llama-perplexity): running per-chunk estimates, the final estimate, and optionally the logits
   saved for a later KL-divergence run; ``kl_divergence`` compares a model with such saved logits.
