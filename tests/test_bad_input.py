@@ -214,6 +214,12 @@ def slow_model(smollm2_dir, tmp_path_factory) -> Path:
                            intermediate_size=2048)
 
 
+def _default_sigint():
+    """A shell starts background jobs with SIGINT ignored, and Python then leaves it ignored (as a program should):
+    the child converts as if run from a terminal, whatever started the test run."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=["TERM", "HUP", "INT"])
 def test_signal_while_converting_leaves_nothing(slow_model, tmp_path, sig):
     out = tmp_path / "out.gguf"
@@ -221,7 +227,7 @@ def test_signal_while_converting_leaves_nothing(slow_model, tmp_path, sig):
     proc = subprocess.Popen([sys.executable, "-m", "gguf_moeify", str(slow_model), str(out), "--method",
                              "finegrained", "--calib", str(CALIB_EXCERPT), "--calib-samples", "8",
                              "--calib-seqlen", "512", "-q"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     deadline = time.time() + 120
     while not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]:   # the run has started writing
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
