@@ -7,7 +7,8 @@
 #                  (the venv's, else pip-installed once into the cache) and is passed to CMake by path
 #                  (-DCUDAToolkit_ROOT is left to nvcc's location; CUDA_cublas_LIBRARY / CUDA_cublasLt_LIBRARY and
 #                  the include dir point into the wheel). CMAKE_CUDA_ARCHITECTURES (env) picks the GPUs; default
-#                  native, or 90 when no GPU is visible. A full sm_90 build takes ~25 min on 2 cores.
+#                  native, or 90 when no GPU is visible. Into build/llama-cpp-cuda/bin (run the tools from there
+#                  with GGUF_MOEIFY_LLAMA_BIN). sm_90 alone: 285 objects; the last 192 took 23 min on 2 idle cores.
 #   metal          adds -DGGML_METAL=ON (macOS only)
 #   aarch64        cross-compiled on x86_64 Linux for 64-bit ARM Linux with Debian's g++-aarch64-linux-gnu, for the
 #                  CPU features of ARM_ARCH (env; -DGGML_CPU_ARM_ARCH, default armv8.2-a+dotprod; e.g.
@@ -139,6 +140,9 @@ if [[ $BACKEND == aarch64 ]]; then
     KEY_BACKEND="aarch64-${ARM_ARCH//+/_}"
     OUT="${OUT/\/build\/llama-cpp/\/build\/llama-cpp-aarch64-${ARM_ARCH//+/_}}"
 fi
+# a CUDA build gets its own folder, so it never replaces the CPU build the tests and bench use by default
+# (point GGUF_MOEIFY_LLAMA_BIN at it)
+[[ $BACKEND == cuda ]] && OUT="${OUT/\/build\/llama-cpp/\/build\/llama-cpp-cuda}"
 [[ $RPC == 1 ]] && KEY_BACKEND="$KEY_BACKEND-rpc"
 # x86: no AMX tile kernels (ggml's -march=native would compile them in on Sapphire Rapids and later). Seen here: a VM
 # whose CPU reports AMX ran them into SIGILL (tilezero on a tile whose configuration the VM had not kept), in the
