@@ -6,14 +6,15 @@ Adding an architecture means adding one ``Adapter`` entry below; nothing else in
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch.nn.functional as F
 
 from .errors import UserError
 
 # HF hidden_act -> the function of the gated MLP act(W_gate x) * (W_up x), as the torch reference and every method's
-# statistics compute it; the patched llama.cpp graphs implement these
-ACTIVATION_FNS = {"silu": F.silu}
+# statistics compute it; the patched llama.cpp graphs implement these (ggml_swiglu, ggml_geglu: GELU's tanh form)
+ACTIVATION_FNS = {"silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
 
 # HF per-layer tensor (without ".weight"/".bias") -> GGUF per-layer tensor, shared by the llama-like families.
 _LLAMA_ATTN = {
@@ -44,6 +45,14 @@ class Adapter:
     decoder: str = "model"                        # the HF model's decoder stack (.layers, .rotary_emb)
     activations: tuple[str, ...] = ("silu",)   # gated MLP activations this runtime graph implements
     activation: str = "silu"                   # this model's (config.json hidden_act), set by adapter_for
+    # Gemma: RMSNorm scales by (1 + w), which llama.cpp's converter stores as w + 1 in every *norm tensor; the
+    # embeddings are scaled by sqrt(hidden_size); attention and MLP outputs pass a norm before the residual add;
+    # token_embd keeps only the tokenizer's rows (the converter drops the padding rows)
+    norm_shift: float = 0.0
+    embed_scale: bool = False
+    attn_post_norm: str = ""
+    mlp_post_norm: str = ""
+    trim_vocab: bool = False
     globals: dict[str, str] = field(default_factory=lambda: {
         "model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"})
 
@@ -69,8 +78,8 @@ class Adapter:
         head_dim = config.get("head_dim") or d // n_head
         rows = {"self_attn.q_proj": n_head * head_dim, "self_attn.k_proj": n_kv * head_dim,
                 "self_attn.v_proj": n_kv * head_dim}
-        vectors = {"input_layernorm": d, "post_attention_layernorm": d, "self_attn.q_norm": head_dim,
-                   "self_attn.k_norm": head_dim}
+        vectors = {"input_layernorm": d, "post_attention_layernorm": d, "pre_feedforward_layernorm": d,
+                   "post_feedforward_layernorm": d, "self_attn.q_norm": head_dim, "self_attn.k_norm": head_dim}
         out = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,)}
         if has("lm_head.weight"):
             out["lm_head.weight"] = (vocab, d)
@@ -99,6 +108,15 @@ ADAPTERS: tuple[Adapter, ...] = (
     Adapter("qwen3", ("qwen3",), "qwen3", permute_qk=False,
             layer_tensors={**_LLAMA_ATTN, "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"},
             note="Qwen3 (Q/K norm, neox rope)"),
+    Adapter("gemma3", ("gemma3_text",), "gemma3", permute_qk=False,
+            layer_tensors={"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                           "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                           "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+                           "post_attention_layernorm": "post_attention_norm",
+                           "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"},
+            note="Gemma 3 text (GELU-tanh gated MLP, sandwich norms)", activations=("gelu_pytorch_tanh",),
+            mlp_norm="pre_feedforward_layernorm", norm_shift=1.0, embed_scale=True,
+            attn_post_norm="post_attention_layernorm", mlp_post_norm="post_feedforward_layernorm", trim_vocab=True),
 )
 
 

@@ -15,6 +15,7 @@ decoder layer plus the calibration hidden states (samples x seqlen x hidden floa
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, replace
 from typing import Callable
 from pathlib import Path
@@ -134,7 +135,10 @@ class LayerwiseModel:
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         w = self.ckpt.get(self.adapter.hf_global("token_embd"))
-        return torch.nn.functional.embedding(ids, w)
+        out = torch.nn.functional.embedding(ids, w)
+        if self.adapter.embed_scale:   # Gemma: sqrt(hidden_size), rounded to the weights' dtype as HF does
+            out = out * torch.tensor(self.ckpt.n_embd ** 0.5).to(w.dtype)
+        return out
 
     def layer(self, i: int):
         """Decoder layer i with its weights read from the checkpoint (MLP included)."""
@@ -156,11 +160,14 @@ class LayerwiseModel:
     def rope_and_mask(self, seqlen: int, dtype: torch.dtype, i: int):
         pos = torch.arange(seqlen).unsqueeze(0)
         dummy = torch.zeros(1, seqlen, 1, dtype=dtype)
-        cos, sin = self.rotary(dummy, pos)
+        types = getattr(self.config, "layer_types", None)
+        if "layer_type" in inspect.signature(self.rotary.forward).parameters:   # Gemma 3: a rope per layer type
+            cos, sin = self.rotary(dummy, pos, types[i])
+        else:
+            cos, sin = self.rotary(dummy, pos)
         # causal mask: explicit additive mask (exact for sdpa and eager); sliding-window layers get their band
         mask = torch.full((seqlen, seqlen), float("-inf"), dtype=dtype).triu(1)
         window = getattr(self.config, "sliding_window", None)
-        types = getattr(self.config, "layer_types", None)
         if window and types and types[i] == "sliding_attention" and window < seqlen:
             mask = mask.masked_fill(torch.ones(seqlen, seqlen, dtype=torch.bool).tril(-window), float("-inf"))
         return (cos.to(dtype), sin.to(dtype)), pos, mask[None, None]
@@ -172,6 +179,8 @@ def attention_part(layer, adapter, h: torch.Tensor, pe, pos, mask) -> tuple[torc
     a = layer.get_submodule(adapter.attn_norm)(h)
     a = layer.get_submodule(adapter.attn)(hidden_states=a, attention_mask=mask, position_ids=pos,
                                           position_embeddings=pe)[0]
+    if adapter.attn_post_norm:
+        a = layer.get_submodule(adapter.attn_post_norm)(a)
     h = h + a
     return h, layer.get_submodule(adapter.mlp_norm)(h)
 
@@ -222,8 +231,9 @@ def calibrated_plans(ckpt, adapter, method, opts, progress: bool = True, capture
                 dense_out = (adapter.act(x_s @ gate.t()) * (x_s @ up.t())) @ down.t()
                 curves.append(error_curve(moe, x_s, r_s, dense_out))
             forward = moe_forward(moe)
+            post = layer.get_submodule(adapter.mlp_post_norm) if adapter.mlp_post_norm else (lambda y: y)
             for s in range(n):
-                hidden[s] = resid[s] + forward(xs[s])
+                hidden[s] = resid[s] + post(forward(xs[s]))
             del forward
         d_ff = int(gate.shape[0])
         del layer, moe, resid, xs, stats, gate, up, down     # before the next layer is read: one layer at a time

@@ -66,7 +66,7 @@ class TensorPlanner:
 
     def __init__(self, ckpt: Checkpoint, adapter: Adapter, plans: ModelPlan, outtype: str,
                  overrides: dict[str, torch.Tensor] | None = None, n_shared_exps: int = 0,
-                 merge_gate_up: bool = True):
+                 merge_gate_up: bool = True, n_vocab: int | None = None):
         import gguf
         self.ckpt, self.adapter, self.plans, self.outtype = ckpt, adapter, plans.layers, outtype
         self.overrides = overrides or {}
@@ -77,6 +77,7 @@ class TensorPlanner:
         self.merge_gate_up = merge_gate_up   # patched runtime; --runtime stock files keep the two tensors
         self.n_shared_exps = n_shared_exps   # the shared expert as that many always-selected experts (0: separate)
         self._memo: tuple[int, dict] | None = None
+        self.n_vocab = n_vocab   # rows of token_embd to keep (Adapter.trim_vocab: the tokenizer's token count)
         cfg = ckpt.config
         self.n_head = int(cfg["num_attention_heads"])
         self.n_head_kv = int(cfg.get("num_key_value_heads") or self.n_head)
@@ -94,6 +95,17 @@ class TensorPlanner:
         if name in self.overrides:
             return lambda: self.overrides[name].detach().to(torch.float32).numpy()
         return lambda: self.ckpt.get(name, torch.float32).numpy()
+
+    def _norm(self, name: str) -> Callable[[], np.ndarray]:
+        """A norm weight as the converter stores it: plus Adapter.norm_shift, added in f16 for an f16 tensor and
+        in f32 otherwise (llama.cpp's converter upcasts every other dtype to f32 first)."""
+        shift = self.adapter.norm_shift
+        if not shift:
+            return self._hf(name)
+        if name in self.overrides:
+            return lambda: (self.overrides[name].detach().to(torch.float32) + shift).numpy()
+        dtype = torch.float16 if self.ckpt.header_dtype(name) == "F16" else torch.float32
+        return lambda: (self.ckpt.get(name, dtype) + shift).to(torch.float32).numpy()
 
     def _layer_experts(self, i: int) -> dict:
         if self._memo is None or self._memo[0] != i:
@@ -135,10 +147,12 @@ class TensorPlanner:
         ck, ad = self.ckpt, self.adapter
         out: list[Entry] = []
         emb_name, norm_name, head_name = (ad.hf_global(n) for n in ("token_embd", "output_norm", "output"))
-        emb = ck.shape(emb_name)
+        emb, produce_emb = ck.shape(emb_name), self._hf(emb_name)
+        if ad.trim_vocab and self.n_vocab and self.n_vocab < emb[0]:
+            emb, produce_emb = (self.n_vocab,) + emb[1:], (lambda p, n: lambda: p()[:n])(produce_emb, self.n_vocab)
         head_type = self.T.Q8_0 if self.base == self.T.Q4_0 else self.base
         out.append(Entry("token_embd.weight", emb, self._type_for("token_embd.weight", emb,
-                         head_type if self.tied else None), self._hf(emb_name)))
+                         head_type if self.tied else None), produce_emb))
         rope_freqs = llama3_rope_factors(ck.config)
         if rope_freqs is not None:   # Llama 3.x rope scaling, as llama.cpp's converter writes it
             out.append(Entry("rope_freqs.weight", rope_freqs.shape, self.T.F32, lambda: rope_freqs))
@@ -151,7 +165,7 @@ class TensorPlanner:
                         if suffix == "weight":
                             raise UserError(f"{ck.path}: tensor {hf_name} missing from the checkpoint")
                         continue
-                    produce = self._hf(hf_name)
+                    produce = self._norm(hf_name) if gg.endswith("norm") else self._hf(hf_name)
                     if ad.permute_qk and gg in ("attn_q", "attn_k"):
                         heads = self.n_head if gg == "attn_q" else self.n_head_kv
                         produce = (lambda p, h: lambda: permute_qk(p(), h))(produce, heads)
@@ -182,7 +196,7 @@ class TensorPlanner:
                 out.append(Entry(name, shape, self._type_for(name, shape),
                                  (lambda i, key: lambda: self._layer_experts(i)[key])(i, key)))
         norm = ck.shape(norm_name)
-        out.append(Entry("output_norm.weight", norm, self.T.F32, self._hf(norm_name)))
+        out.append(Entry("output_norm.weight", norm, self.T.F32, self._norm(norm_name)))
         if not self.tied:
             shape = ck.shape(head_name)
             out.append(Entry("output.weight", shape, self._type_for("output.weight", shape, head_type),
@@ -228,14 +242,16 @@ def write_gguf(out_tmp: Path, ckpt: Checkpoint, adapter: Adapter, plan: ModelPla
     import gguf
     target = target_for(plan, adapter.gguf_arch)
     writer = gguf.GGUFWriter(str(out_tmp), target.arch)
-    _write_keys(writer, ckpt, target)
+    conv_arch, conv_keys = converter_keys(ckpt.path)
+    _write_keys(writer, conv_arch, conv_keys, target)
     writer.add_file_type(file_type(outtype))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_string(PROVENANCE, json.dumps(plan.provenance, sort_keys=True))
     writer.add_string(PLAN, json.dumps([p.summary() for p in plan], sort_keys=True))
 
+    tokens = next((v for k, v, _ in conv_keys if k == "tokenizer.ggml.tokens"), None)
     planner = TensorPlanner(ckpt, adapter, plan, outtype, overrides, target.n_shared_exps,
-                            merge_gate_up=target.merge_gate_up)
+                            merge_gate_up=target.merge_gate_up, n_vocab=len(tokens) if tokens else None)
     entries = planner.entries()
     for e in entries:
         dtype, shape = _encoded_layout(e.shape, e.qtype)
@@ -260,10 +276,9 @@ def write_gguf(out_tmp: Path, ckpt: Checkpoint, adapter: Adapter, plan: ModelPla
     return planner.fallbacks
 
 
-def _write_keys(writer, ckpt: Checkpoint, target: Target) -> None:
+def _write_keys(writer, conv_arch: str, conv_keys: list, target: Target) -> None:
     """llama.cpp's converter's hyper-parameter and tokenizer keys (renamed to the target's architecture), then the
     target's MoE keys."""
-    conv_arch, conv_keys = converter_keys(ckpt.path)
     skip = {"general.architecture", "general.file_type", "general.quantization_version"} | target.skip_keys()
     for key, value, types in conv_keys:
         if key.startswith(conv_arch + "."):

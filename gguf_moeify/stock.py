@@ -8,6 +8,7 @@ Mapping (the stock architecture that expresses the plan best):
 | llama/mistral/SmolLM, qwen2 | no shared expert | ``llama`` (the Mixtral path) | softmax, chosen renormalised to 1 |
 | qwen3 | no shared expert | ``qwen3moe`` | softmax over all E, chosen renormalised to 1 |
 | qwen3 | shared expert | none: stock qwen3moe has no shared expert (use ``-S 0`` or the patched runtime) | |
+| gemma3 | any | none: stock gemma3 has no MoE path; gemma4's MoE layer norms its dense and routed outputs apart | |
 
 (1) Llama attention with normal rope (Q/K permuted as for llama); deepseek's loader also takes Qwen2's optional
 q/k/v biases; its shared expert is always on with weight 1 and n_expert_shared experts wide.
@@ -59,6 +60,10 @@ def stock_target(adapter_name: str, has_shared: bool) -> StockTarget:
             raise UserError("--runtime stock: stock llama.cpp's qwen3moe has no shared expert; use --shared 0, or "
                             "the patched runtime")
         return StockTarget("qwen3moe", True, False)
+    if adapter_name == "gemma3":
+        raise UserError("--runtime stock: unmodified llama.cpp cannot run a Gemma 3 MoE (its gemma3 graph has no "
+                        "experts, and gemma4's MoE layer normalises its dense and routed outputs separately and has "
+                        "other attention); use the patched runtime")
     raise UserError(f"--runtime stock: no stock mapping for {adapter_name}")
 
 

@@ -14,7 +14,7 @@ from gguf_moeify.llama_cpp_source import cache_root
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "tokenizer.model")
-ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 
 
 def eval_text_path() -> Path:
@@ -61,15 +61,20 @@ def make_tiny_model(arch: str, dest: Path, tokenizer_dir: Path, seed: int = 0, s
                   rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
                   hidden_act="silu", initializer_range=0.1)  # sharp enough that the MLP and routing matter
     cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
-           "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM)}[arch]
-    extra = {"qwen3": {"head_dim": 16}, "mistral": {"sliding_window": None}}.get(arch, {})
+           "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+           "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM)}[arch]
+    # Gemma 3: GELU-tanh gate, tied embeddings, a sliding window shorter than the test windows (both layers slide,
+    # as llama.cpp's pattern of 5 sliding layers in 6 says), its own rope bases for sliding and full layers
+    gemma3 = {"head_dim": 16, "hidden_act": None, "hidden_activation": "gelu_pytorch_tanh", "sliding_window": 32,
+              "query_pre_attn_scalar": 16, "tie_word_embeddings": True, "rms_norm_eps": 1e-6}
+    extra = {"qwen3": {"head_dim": 16}, "mistral": {"sliding_window": None}, "gemma3": gemma3}.get(arch, {})
     config = cls[0](**{**common, **extra, **overrides})
     torch.manual_seed(seed)
     model = cls[1](config)
     with torch.no_grad():  # norms at 1 make an un-trained model too easy; give them some spread
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
+            if name.endswith("norm.weight"):   # Gemma stores w for a scale of 1 + w
+                p.uniform_(0.5, 1.5).sub_(1.0 if arch == "gemma3" else 0.0)
             elif name.endswith(".bias"):
                 p.normal_(0, 0.1)
     model.save_pretrained(dest, safe_serialization=True, max_shard_size="2MB" if shard else "10GB")
@@ -82,7 +87,7 @@ def make_tiny_model(arch: str, dest: Path, tokenizer_dir: Path, seed: int = 0, s
 def build_tiny_models(root: Path, smollm2: Path, spm_dir: Path, archs=ARCHS) -> dict[str, Path]:
     """llama/mistral carry SmolLM2's BPE tokenizer; qwen2/qwen3 a SentencePiece one (transformers 5 forces the
     Qwen2 tokenizer class on model_type qwen*, whose pre-tokenizer llama.cpp cannot identify on a foreign vocab)."""
-    tok = {"llama": smollm2, "mistral": smollm2, "qwen2": spm_dir, "qwen3": spm_dir}
+    tok = {"llama": smollm2, "mistral": smollm2, "qwen2": spm_dir, "qwen3": spm_dir, "gemma3": spm_dir}
     return {arch: make_tiny_model(arch, root / arch, tok[arch], seed=ARCHS.index(arch)) for arch in archs}
 
 

@@ -68,7 +68,7 @@ def test_methods_need_calibration(tiny_models):
             make_plans(ckpt, adapter_for(ckpt.config), method, MethodOptions(experts=4), progress=False)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
 def test_propagation_through_converted_layers(tiny_models, arch, monkeypatch):
     """The states captured before each layer are the hidden states of the HF model whose earlier MLPs were swapped
     for the MoE MLPs of the plans: with all experts active they equal the dense model's; with sparse routing

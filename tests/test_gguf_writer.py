@@ -19,7 +19,7 @@ from gguf_moeify.methods import MethodOptions
 from conftest import ARCHS
 
 T = gguf.GGMLQuantizationType
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "qwen3"}
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "qwen3", "gemma3": "gemma3"}
 
 
 def _fields(reader):
@@ -27,11 +27,13 @@ def _fields(reader):
 
 
 def _expected_names(arch: str, n_layers: int, shared_as_experts: bool) -> set[str]:
-    names = {"token_embd.weight", "output_norm.weight", "output.weight"}
+    names = {"token_embd.weight", "output_norm.weight"} | ({"output.weight"} if arch != "gemma3" else set())
     per = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate_inp",
            "ffn_gate_up_exps", "ffn_down_exps"]
-    if arch == "qwen3":
+    if arch in ("qwen3", "gemma3"):
         per += ["attn_q_norm", "attn_k_norm"]
+    if arch == "gemma3":   # the norms on the attention and MLP outputs; the output projection is tied
+        per += ["post_attention_norm", "post_ffw_norm"]
     for i in range(n_layers):
         names |= {f"blk.{i}.{p}.weight" for p in per}
         if shared_as_experts:
@@ -59,8 +61,10 @@ def test_layout_keys_and_types(tiny_models, tmp_path, arch, outtype):
     if arch in ("llama", "mistral"):   # SmolLM2's BPE tokenizer, identified by llama.cpp's converter
         assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "smollm"
         assert len(f["tokenizer.ggml.tokens"]) == 49152 and len(f["tokenizer.ggml.merges"]) == 48900
-    else:                              # the SentencePiece tokenizer of the qwen test models
+    else:                              # the SentencePiece tokenizer of the qwen and gemma test models
         assert f["tokenizer.ggml.model"] == "llama" and len(f["tokenizer.ggml.scores"]) == 512
+    if arch == "gemma3":               # the converter's Gemma 3 keys, kept
+        assert f["gemma3.attention.sliding_window"] == 32 and f["gemma3.attention.key_length"] == 16
     assert '"method": "mlpmoe"' in f["gguf_moeify.provenance"]
     tensors = {t.name: t for t in r.tensors}
     assert set(tensors) == _expected_names(arch, 2, shared_as_experts=True)
@@ -186,6 +190,20 @@ def test_non_mlp_tensors_match_llama_cpp_converter(tiny_models, tmp_path, arch):
     """Attention, norms and embeddings are laid out exactly as llama.cpp's converter lays out the dense model
     (for qwen2 we write the llama architecture, so Q/K are compared after the llama rope permutation)."""
     _compare_non_mlp_with_converter(tiny_models[arch], tmp_path, arch)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gemma3_norms_of_half_precision_checkpoints_match_the_converter(tiny_models, tmp_path, dtype):
+    """Gemma's norms are stored as w + 1: the converter adds in f16 for an f16 checkpoint (rounding there) and in
+    f32 for bf16 (upcast first); the written norms are the same bits either way."""
+    import shutil
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["gemma3"], dtype=getattr(torch, dtype))
+    half = tmp_path / dtype
+    model.save_pretrained(half, safe_serialization=True)
+    shutil.copy(tiny_models["gemma3"] / "tokenizer.model", half / "tokenizer.model")
+    _compare_non_mlp_with_converter(half, tmp_path, "gemma3")
 
 
 def test_llama3_rope_scaling_is_written_as_the_converter_does(smollm2_dir, tmp_path):

@@ -141,7 +141,7 @@ def _torch_and_llama_cpp(tools, out, ckpt, adapter, plans, text_file, tmp_path):
     return perplexity(logits_fn(model), tokens, CTX, CHUNKS, _bos_for(out)), cpp
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
 @pytest.mark.parametrize("kind", ["linear", "cmoe", "mlp"])
 def test_routed_parity_with_torch_reference(tools, tiny_models, text_file, tmp_path, arch, kind):
     out = tmp_path / "moe.gguf"
@@ -153,6 +153,22 @@ def test_routed_parity_with_torch_reference(tools, tiny_models, text_file, tmp_p
                             extra=F32_KV + ["--override-kv", f"{adapter.gguf_arch}.expert_used_count=int:7"])
     print(f"{arch} {kind}: torch {ref.ppl:.6f} llama.cpp {cpp.ppl:.6f} all-experts {full.ppl:.6f}")
     assert abs(ref.ppl - cpp.ppl) < 0.1 * abs(full.ppl - cpp.ppl)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_separate_shared_expert_parity_with_torch_reference(tools, tiny_models, text_file, tmp_path, arch):
+    """The shared expert in its own ffn_*_shexp tensors (--shared-layout separate), next to routed experts: the
+    graph's shared-expert branch (GELU-gated for Gemma 3) matches the torch reference."""
+    out = tmp_path / "moe.gguf"
+    ckpt = Checkpoint(tiny_models[arch])
+    adapter = adapter_for(ckpt.config)
+    plans = ModelPlan.build(_routed_plans("linear", top_k=3)(ckpt, adapter), shared_layout="separate")
+    write_model_file(ckpt, adapter, plans, out, "f32", provenance(ckpt, "test", MethodOptions(), "f32", "float32"),
+                     progress=False)
+    names = {t.name for t in gguf.GGUFReader(out).tensors}
+    assert "blk.0.ffn_up_shexp.weight" in names and "blk.0.exp_probs_b.bias" not in names
+    ref, cpp = _torch_and_llama_cpp(tools, out, ckpt, adapter, plans, text_file, tmp_path)
+    assert relative_difference(ref.ppl, cpp.ppl) < 1e-3, (ref.ppl, cpp.ppl)
 
 
 @pytest.mark.parametrize("kind", ["linear", "cmoe", "mlp"])
@@ -215,7 +231,7 @@ def test_real_model_in_llama_cpp(tools, smollm2_dir, smollm2_moe_f32, tmp_path):
     assert "Paris" in answer
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
 def test_per_layer_budget_parity_with_torch_reference(tools, tiny_models, text_file, tmp_path, arch):
     """A file whose layers use different numbers of experts (expert_used_count as a per-layer array, patch 0005)
     loads in llama.cpp and matches the torch reference, which honours each plan's own top_k."""

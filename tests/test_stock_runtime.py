@@ -138,6 +138,9 @@ def test_stock_errors_are_one_line(tiny_models, tmp_path, capsys):
         code = main([str(tiny_models["llama"]), str(tmp_path / "x.gguf"), "-q", "--runtime", "stock", *extra])
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1, err
+    code = main([str(tiny_models["gemma3"]), str(tmp_path / "x.gguf"), "-q", "--runtime", "stock", "-E", "4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot run a Gemma 3 MoE" in err and err.count("\n") == 1, err
     assert not list(tmp_path.iterdir())
     with pytest.raises(UserError, match="qwen3moe has no shared expert"):
         stock_target("qwen3", True)
