@@ -47,6 +47,24 @@ def _field(reader, key, default=None):
     return default if f is None else f.contents()
 
 
+def hf_tensors_from_gguf(reader, layer_names: dict[str, str], fix) -> dict[str, np.ndarray]:
+    """Every tensor of a GGUF, dequantized to float32, under its HF name (``layer_names``: GGUF per-layer name ->
+    HF module); ``fix(gguf kind, array)`` undoes what llama.cpp's converter did to a tensor of that kind."""
+    import gguf
+    globals_ = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+    tensors: dict[str, np.ndarray] = {}
+    for t in reader.tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        w = w.reshape([int(x) for x in reversed(t.shape)]) if w.ndim == 1 and len(t.shape) > 1 else w
+        name = t.name.removesuffix(".weight")
+        if name in globals_:
+            tensors[globals_[name] + ".weight"] = fix(name, w)
+        else:
+            _, layer, kind = name.split(".")
+            tensors[f"model.layers.{layer}.{layer_names[kind]}.weight"] = fix(kind, w)
+    return tensors
+
+
 def build_smollm2_folder(dest: str | os.PathLike) -> Path:
     """Write config.json, model.safetensors and the tokenizer of the embedded model into ``dest``."""
     import gguf
@@ -63,24 +81,9 @@ def build_smollm2_folder(dest: str | os.PathLike) -> Path:
     n_head = int(_field(reader, "llama.attention.head_count"))
     n_head_kv = int(_field(reader, "llama.attention.head_count_kv"))
     n_embd = int(_field(reader, "llama.embedding_length"))
-    tensors: dict[str, np.ndarray] = {}
-    for t in reader.tensors:
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        w = w.reshape([int(x) for x in reversed(t.shape)]) if w.ndim == 1 and len(t.shape) > 1 else w
-        name = t.name.removesuffix(".weight")
-        if name == "token_embd":
-            tensors["model.embed_tokens.weight"] = w
-        elif name == "output_norm":
-            tensors["model.norm.weight"] = w
-        elif name == "output":
-            tensors["lm_head.weight"] = w
-        else:
-            _, layer, kind = name.split(".")
-            if kind == "attn_q":
-                w = unpermute_qk(w, n_head)
-            elif kind == "attn_k":
-                w = unpermute_qk(w, n_head_kv)
-            tensors[f"model.layers.{layer}.{_LAYER_NAMES[kind]}.weight"] = w
+    heads = {"attn_q": n_head, "attn_k": n_head_kv}   # Q/K rows back from llama's rope layout
+    tensors = hf_tensors_from_gguf(reader, _LAYER_NAMES,
+                                   lambda kind, w: unpermute_qk(w, heads[kind]) if kind in heads else w)
     tied = "lm_head.weight" not in tensors
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",

