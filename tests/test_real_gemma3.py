@@ -41,7 +41,22 @@ def text(tmp_path_factory):
     return p
 
 
-def test_rebuilt_folder_is_the_gguf_model(tools, gemma3_dir, text, tmp_path):
+def _slices(ckpt, adapter):
+    return make_plans(ckpt, adapter, "mlpmoe", MethodOptions(experts=8), progress=False)
+
+
+@pytest.fixture(scope="module")
+def all_active(tools, gemma3_dir, text, tmp_path_factory):
+    """The f32 MLPMoE file (E=8, all active) and llama.cpp's perplexity of it, with the tokens it scored."""
+    tmp = tmp_path_factory.mktemp("g3slices")
+    out = tmp / "moe.gguf"
+    _write(gemma3_dir, _slices, out)
+    saved = tmp / "logits.bin"
+    cpp = tools.perplexity(out, text, ctx=CTX, chunks=CHUNKS, threads=2, save_logits=saved, extra=F32_KV)
+    return out, cpp, read_saved_tokens(saved)[1]
+
+
+def test_rebuilt_folder_is_the_gguf_model(tools, gemma3_dir, text, all_active, tmp_path):
     from gguf_moeify.gemma3_270m import GGUF_NAME
     from gguf_moeify.vocab import vocab_gguf
     original = gemma3_dir.parent / GGUF_NAME
@@ -49,26 +64,13 @@ def test_rebuilt_folder_is_the_gguf_model(tools, gemma3_dir, text, tmp_path):
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
                 "tokenizer.ggml.bos_token_id", "tokenizer.ggml.add_bos_token", "gemma3.attention.sliding_window"):
         assert ours[key].contents() == theirs[key].contents(), key
-    ours_file = tmp_path / "moe.gguf"
-    _write(gemma3_dir, _slices, ours_file)
-    tokens = []
-    for path in (original, ours_file):
-        saved = tmp_path / f"{path.stem}.bin"
-        tools.perplexity(path, text, ctx=CTX, chunks=CHUNKS, threads=2, save_logits=saved)
-        tokens.append(read_saved_tokens(saved)[1])
-    assert tokens[0] == tokens[1]
+    saved = tmp_path / "original.bin"
+    tools.perplexity(original, text, ctx=CTX, chunks=CHUNKS, threads=2, save_logits=saved)
+    assert read_saved_tokens(saved)[1] == all_active[2]
 
 
-def _slices(ckpt, adapter):
-    return make_plans(ckpt, adapter, "mlpmoe", MethodOptions(experts=8), progress=False)
-
-
-def test_all_experts_active_equals_torch_dense(tools, gemma3_dir, text, tmp_path):
-    out = tmp_path / "moe.gguf"
-    _write(gemma3_dir, _slices, out)
-    saved = tmp_path / "logits.bin"
-    cpp = tools.perplexity(out, text, ctx=CTX, chunks=CHUNKS, threads=2, save_logits=saved, extra=F32_KV)
-    _, tokens = read_saved_tokens(saved)
+def test_all_experts_active_equals_torch_dense(gemma3_dir, all_active):
+    out, cpp, tokens = all_active
     model, _ = load_dense(Checkpoint(gemma3_dir), tokenizer=False)
     dense = perplexity(logits_fn(model), tokens, CTX, CHUNKS, _bos_for(out))
     print(f"Gemma-3-270M dense torch {dense.ppl:.4f}  mlpmoe E=8 all active llama.cpp {cpp.ppl:.4f}")
