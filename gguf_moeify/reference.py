@@ -9,13 +9,30 @@ from .moe_torch import MoEMLP
 from .plan import MoEPlan
 
 
+class _Activation(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
 def load_dense(ckpt: Checkpoint, tokenizer: bool = True):
-    """(model, tokenizer or None) from the checkpoint, in the working dtype, eval mode."""
+    """(model, tokenizer or None) from the checkpoint, in the working dtype, eval mode. The MLPs apply the adapter's
+    activation (``Adapter.act``), as the MoE MLPs and llama.cpp do: for Gemma, GELU through ggml's f16 table."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
+    from .adapters import adapter_for
     hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=ckpt.dtype)
     model.eval()
+    adapter = adapter_for(ckpt.config)
+    mlp_path = adapter.mlp_gate.rsplit(".", 1)[0]
+    for i in range(ckpt.n_layers):
+        mlp = model.get_submodule(adapter.layer_prefix.format(i=i) + mlp_path)
+        if hasattr(mlp, "act_fn"):
+            mlp.act_fn = _Activation(adapter.act)
     return model, (AutoTokenizer.from_pretrained(str(ckpt.path)) if tokenizer else None)
 
 

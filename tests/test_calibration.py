@@ -77,9 +77,12 @@ def test_propagation_through_converted_layers(tiny_models, arch, monkeypatch):
     adapter = adapter_for(ckpt.config)
     if arch == "llama":
         ids = calib_tokens(ckpt.path, ckpt.config, str(CALIB), 2, 48, seed=0)
-    else:  # the tiny SentencePiece tokenizer needs protobuf to load in transformers: random tokens instead
+    else:  # random tokens for the models with the tiny SentencePiece tokenizer
         ids = torch.randint(0, ckpt.config["vocab_size"], (2, 48), generator=torch.Generator().manual_seed(0))
         monkeypatch.setattr("gguf_moeify.calibration.calib_tokens", lambda *a, **k: ids)
+    # Gemma's GELU is evaluated through ggml's f16 table (adapters.ggml_gelu): an input difference of float rounding
+    # that crosses an f16 rounding boundary becomes a step of one f16 ulp in the output (~5e-4 relative)
+    tol = 2e-4 if arch == "gemma3" else 1e-5
     for top_k in (3, 1):
         captured: list[torch.Tensor] = []
         plans = calibrated_plans(ckpt, adapter, get_method("cmoe"), _opts(top_k=top_k), progress=False,
@@ -90,8 +93,8 @@ def test_propagation_through_converted_layers(tiny_models, arch, monkeypatch):
         moeify_(model, adapter, plans)
         ref = model(input_ids=ids, output_hidden_states=True).hidden_states
         for i in range(ckpt.n_layers):
-            assert (captured[i] - ref[i]).abs().max() < 1e-5
+            assert (captured[i] - ref[i]).abs().max() < tol
             if top_k == 3:
-                assert (captured[i] - dense[i]).abs().max() < 1e-5
+                assert (captured[i] - dense[i]).abs().max() < tol
         # the state after the last layer (HF reports it after the final norm)
-        assert (model.model.norm(captured[-1]) - ref[-1]).abs().max() < 1e-5
+        assert (model.model.norm(captured[-1]) - ref[-1]).abs().max() < tol
