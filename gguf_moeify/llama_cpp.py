@@ -234,10 +234,16 @@ class LlamaCppTools:
         if save_logits is not None:
             args += ["--kl-divergence-base", str(save_logits)]
         # Unpatched llama-perplexity logs through a worker thread that is never joined: the last lines (the last
-        # chunk, the final estimate) are sometimes lost at exit (patch 0004 fixes that). Retry when they are.
-        for _ in range(self.retries):
+        # chunk, the final estimate; at times everything after the start-up lines) are lost at exit (patch 0004
+        # fixes that). Retry when they are.
+        for attempt in range(self.retries):
             proc = self.run("llama-perplexity", args + list(extra))
-            result = parse_perplexity_output(proc.stdout, proc.stderr)
+            try:
+                result = parse_perplexity_output(proc.stdout, proc.stderr)
+            except UserError:   # not one chunk in the log
+                if attempt == self.retries - 1:
+                    raise
+                continue
             expected = _expected_chunks(proc.stderr)
             if expected is None or result.n_chunks >= expected:
                 return result

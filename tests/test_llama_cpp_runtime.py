@@ -363,6 +363,25 @@ def test_stock_files_identical_on_patched_and_stock(kind, patched, stock, text_f
     assert math.isfinite(a.ppl) and a.ppl > 1
 
 
+def test_perplexity_retries_a_run_whose_log_lost_every_chunk(monkeypatch, tmp_path):
+    """An unpatched llama-perplexity can exit 0 having logged nothing after its start-up lines (its async log is
+    never drained): that run is repeated, as one that lost only the last chunks is; five such runs are an error."""
+    import subprocess
+    from gguf_moeify.llama_cpp import LlamaCppTools
+    start = "perplexity: calculating perplexity over 2 chunks, n_ctx=64\n"
+    lost = subprocess.CompletedProcess([], 0, "", "init: llama threadpool init, n_threads = 2\n")
+    full = subprocess.CompletedProcess([], 0, "[1]10.5000,[2]11.2500,",
+                                       start + "Final estimate: PPL = 11.2500 +/- 0.5\n")
+    runs = [lost, lost, full]
+    tools = LlamaCppTools(tmp_path)
+    monkeypatch.setattr(tools, "run", lambda name, args: runs.pop(0))
+    result = tools.perplexity(tmp_path / "m.gguf", tmp_path / "t.txt", ctx=64)
+    assert result.ppl == 11.25 and result.chunk_ppls == [10.5, 11.25] and not runs
+    monkeypatch.setattr(tools, "run", lambda name, args: lost)
+    with pytest.raises(UserError, match="printed no perplexity values"):
+        tools.perplexity(tmp_path / "m.gguf", tmp_path / "t.txt", ctx=64)
+
+
 def test_perplexity_final_estimate_is_printed(patched, text_file, tmp_path):
     """Patch 0004: the "Final estimate" line is flushed before exit."""
     path = write_gguf(random_model(seed=4), tmp_path / "dense.gguf")
