@@ -6,3 +6,4 @@ from pathlib import Path
 DATA_DIR = Path(__file__).resolve().parent / "data"
 CALIB_EXCERPT = DATA_DIR / "sense_and_sensibility_excerpt.txt"   # calibration
 EVAL_EXCERPT = DATA_DIR / "pride_and_prejudice_excerpt.txt"      # held-out evaluation, never calibrated on
+NONFICTION_EXCERPT = DATA_DIR / "python_tutorial_excerpt.txt"    # held-out evaluation of another kind: prose + code
