@@ -64,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--oracle", action="store_true",
                    help="also score two ceilings, torch reference only: the same experts chosen per token by a "
                         "ground-truth oracle (top-k by output norm: the bound for any router), and the same number "
-                        "of neurons chosen one by one by |h|*||W_down column|| (the bound for any expert grouping) "
-                        "(default: off)")
+                        "of neurons chosen one by one by |h|*||W_down column|| (the bound for any expert grouping); "
+                        "and both with a per-token count: the same mean number per token in each window, given to "
+                        "the (token, expert) or (token, neuron) pairs with the largest outputs (default: off)")
     add_method_args(e, e.add_argument_group("main options"))
 
     d = sub.add_parser("demo-model", help="write the embedded SmolLM2-135M-Instruct as an HF folder")
@@ -105,6 +106,9 @@ def _run(args) -> int:
                       f"(same experts, chosen per token by true output norm)")
                 print(f"neuron oracle ppl {res['neuron_oracle']['ppl']:.4f}   ratio "
                       f"{res['neuron_oracle_ratio']:.5f}   (same number of neurons, chosen one by one)")
+                for key, what in (("oracle_var", "experts"), ("neuron_oracle_var", "neurons")):
+                    print(f"{key.replace('_', ' ')} ppl {res[key]['ppl']:.4f}   ratio {res[key + '_ratio']:.5f}   "
+                          f"(the same mean number of {what} per token, where the outputs are largest)")
     elif args.command == "demo-model":
         from .demo_model import build_smollm2_folder
         print(f"wrote {build_smollm2_folder(args.dir)}")

@@ -15,7 +15,8 @@ def add_bos_of(tokenizer) -> bool:
 def evaluate_model(model: str, text_file: str, method: str, opts: MethodOptions, dtype: str = "float32",
                    ctx: int = 512, chunks: int | None = None, oracle: bool = False, finetune=None) -> dict:
     """Dense vs converted perplexity; with ``finetune`` (LoRAOptions) also after LoRA recovery; with ``oracle`` the
-    two ceilings of the (fine-tuned, if so) plan."""
+    ceilings of the (fine-tuned, if so) plan: experts or neurons chosen by their true outputs, a fixed number per
+    token or the same mean number per token (moe_torch.VARIABLE_ORACLES)."""
     if finetune is not None:
         finetune.check(opts.calib)
     if ctx < 16 or (chunks is not None and chunks < 1):
@@ -41,7 +42,9 @@ def evaluate_model(model: str, text_file: str, method: str, opts: MethodOptions,
         res.update(finetuned=tuned.as_dict(), finetuned_ratio=tuned.ppl / dense.ppl)
     if oracle:
         from .moe_torch import MoEMLP
-        for mode, key in (("expert", "oracle"), ("neuron", "neuron_oracle")):
+        # fixed count per token, then the same mean count spent where the output norms are largest
+        for mode, key in (("expert", "oracle"), ("neuron", "neuron_oracle"), ("expert-var", "oracle_var"),
+                          ("neuron-var", "neuron_oracle_var")):
             for mod in hf.modules():
                 if isinstance(mod, MoEMLP):
                     mod.oracle = mode

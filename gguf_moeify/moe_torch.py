@@ -15,6 +15,7 @@ from torch import nn
 from .plan import MoEPlan, expert_tensors
 from .routers import log_norm_targets, router_scores
 
+VARIABLE_ORACLES = ("expert-var", "neuron-var")
 
 
 class MoEMLP(nn.Module):
@@ -25,7 +26,10 @@ class MoEMLP(nn.Module):
         # oracle (torch reference only, an upper bound; not expressible in a GGUF), ignoring the router:
         # True / "expert": per token, the top_k experts whose outputs have the largest L2 norm;
         # "neuron": per token, the same number of neurons (shared + top_k * width) with the largest
-        # |h_i| * ||W_down[:, i]||, over all of the plan's neurons: the ceiling of any expert grouping
+        # |h_i| * ||W_down[:, i]||, over all of the plan's neurons: the ceiling of any expert grouping;
+        # "expert-var" / "neuron-var": the same mean number per token, spent where it matters most: over all the
+        # tokens of a forward call (one window), the T * top_k (token, expert) pairs (or T * n (token, neuron)
+        # pairs) with the largest norms, so a token gets anything from none to all of them (VARIABLE_ORACLES)
         self.oracle = oracle
         self.act = act   # the model's MLP activation (Adapter.act)
         self.top_k = plan.top_k
@@ -132,7 +136,13 @@ class MoEMLP(nn.Module):
             w = w / w.sum(-1, keepdim=True).clamp(min=6.103515625e-5)
         return chosen, w.to(x.dtype)
 
-    def _neuron_oracle(self, x: torch.Tensor) -> torch.Tensor:
+    def _variable_oracle(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, E) bool: the T * top_k largest expert output norms of the call, wherever they fall."""
+        norms = torch.stack([self._expert(e, x).norm(dim=-1) for e in range(self.gate_exps.shape[0])], -1)
+        keep = torch.topk(norms.reshape(-1), x.shape[0] * self.top_k).indices
+        return torch.zeros(norms.numel(), dtype=torch.bool, device=x.device).scatter_(0, keep, True).view_as(norms)
+
+    def _neuron_oracle(self, x: torch.Tensor, variable: bool = False) -> torch.Tensor:
         d = x.shape[-1]
         # each of the plan's neurons once: padding (-1) and copies of a neuron in several experts (ToMoE) left out
         _, first = np.unique(self.plan.experts.reshape(-1), return_index=True)
@@ -144,15 +154,19 @@ class MoEMLP(nn.Module):
             down = torch.cat([self.down_shexp.t(), down])
         n_active = min(self.plan.shared_width + self.top_k * self.plan.expert_width, gate.shape[0])
         h = self.act(x @ gate.t()) * (x @ up.t())
-        keep = torch.topk(h.abs() * down.norm(dim=1), n_active, dim=-1).indices
-        mask = torch.zeros_like(h).scatter_(1, keep, 1.0)
+        importance = h.abs() * down.norm(dim=1)
+        if variable:
+            keep = torch.topk(importance.reshape(-1), n_active * x.shape[0]).indices
+            mask = torch.zeros(h.numel(), dtype=h.dtype, device=h.device).scatter_(0, keep, 1.0).view_as(h)
+        else:
+            mask = torch.zeros_like(h).scatter_(1, torch.topk(importance, n_active, dim=-1).indices, 1.0)
         return (h * mask) @ down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        if self.oracle == "neuron":
-            return self._neuron_oracle(x).reshape(shape)
+        if self.oracle in ("neuron", "neuron-var"):
+            return self._neuron_oracle(x, self.oracle == "neuron-var").reshape(shape)
         # the teacher reads the stored weights; otherwise each tensor with its fine-tuning update, if any
         names = ("gate_exps", "up_exps", "down_exps") + (("gate_shexp", "up_shexp", "down_shexp")
                                                          if self.has_shared else ())
@@ -168,10 +182,15 @@ class MoEMLP(nn.Module):
                 out += self._expert(e, x, w)
         else:
             out = torch.zeros_like(x)
-            idx, weights = self.select_weighted(x)
-            gates = torch.zeros(x.shape[0], n_exp, dtype=x.dtype, device=x.device)
-            gates.scatter_(1, idx, 1.0 if weights is None else weights)
-            chosen = torch.zeros(x.shape[0], n_exp, dtype=torch.bool, device=x.device).scatter_(1, idx, True)
+            if self.oracle == "expert-var":   # unit weights (a stock plan's folded expert scale undone)
+                chosen = self._variable_oracle(x)
+                weights = None if self.plan.expert_scale == 1.0 else 1.0 / self.plan.expert_scale
+                gates = chosen.to(x.dtype) * (weights or 1.0)
+            else:
+                idx, weights = self.select_weighted(x)
+                gates = torch.zeros(x.shape[0], n_exp, dtype=x.dtype, device=x.device)
+                gates.scatter_(1, idx, 1.0 if weights is None else weights)
+                chosen = torch.zeros(x.shape[0], n_exp, dtype=torch.bool, device=x.device).scatter_(1, idx, True)
             for e in range(n_exp):
                 rows = chosen[:, e].nonzero().squeeze(-1)
                 if rows.numel():

@@ -24,11 +24,12 @@ def _opts(**kw) -> MethodOptions:
 
 def test_windows_are_seeded_and_capped(tiny_models):
     ckpt = Checkpoint(tiny_models["llama"])
-    a = calib_tokens(ckpt.path, ckpt.config, str(CALIB), 3, 32, seed=5)
-    b = calib_tokens(ckpt.path, ckpt.config, str(CALIB), 3, 32, seed=5)
-    c = calib_tokens(ckpt.path, ckpt.config, str(CALIB), 3, 32, seed=6)
+    a = calib_tokens(ckpt, str(CALIB), 3, 32, seed=5)
+    b = calib_tokens(ckpt, str(CALIB), 3, 32, seed=5)
+    c = calib_tokens(ckpt, str(CALIB), 3, 32, seed=6)
     assert a.shape == (3, 32) and torch.equal(a, b) and not torch.equal(a, c)
-    capped = calib_tokens(ckpt.path, {**ckpt.config, "max_position_embeddings": 16}, str(CALIB), 1, 64)
+    ckpt.config = {**ckpt.config, "max_position_embeddings": 16}
+    capped = calib_tokens(ckpt, str(CALIB), 1, 64)
     assert capped.shape == (1, 16)
 
 
@@ -43,7 +44,7 @@ def test_folder_and_errors(tmp_path, tiny_models):
         read_calib_text(str(tmp_path / "empty"))
     ckpt = Checkpoint(tiny_models["llama"])
     with pytest.raises(UserError, match="too short"):
-        calib_tokens(ckpt.path, ckpt.config, str(tmp_path / "a.txt"), 1, 64)
+        calib_tokens(ckpt, str(tmp_path / "a.txt"), 1, 64)
 
 
 def test_wikitext2_offline_is_a_user_error(monkeypatch):
@@ -76,7 +77,7 @@ def test_propagation_through_converted_layers(tiny_models, arch, monkeypatch):
     ckpt = Checkpoint(tiny_models[arch])
     adapter = adapter_for(ckpt.config)
     if arch == "llama":
-        ids = calib_tokens(ckpt.path, ckpt.config, str(CALIB), 2, 48, seed=0)
+        ids = calib_tokens(ckpt, str(CALIB), 2, 48, seed=0)
     else:  # random tokens for the models with the tiny SentencePiece tokenizer
         ids = torch.randint(0, ckpt.config["vocab_size"], (2, 48), generator=torch.Generator().manual_seed(0))
         monkeypatch.setattr("gguf_moeify.calibration.calib_tokens", lambda *a, **k: ids)

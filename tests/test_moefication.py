@@ -81,6 +81,31 @@ def test_oracle_picks_experts_by_output_norm():
     assert (moe(xt) - dense).norm() <= err_oracle
 
 
+def test_variable_count_oracles_spend_the_same_mean_where_outputs_are_largest():
+    gate, up, down, x = _layer(2)
+    plan = plan_layer(0, gate, up, down, MethodOptions(experts=8, top_k=2, own=MoEficationOptions(split="param")),
+                      LayerCalib(x=x, act=F.silu))
+    moe = MoEMLP(plan, gate, up, down, F.silu, oracle="expert-var")
+    xt = x[:40]
+    norms = torch.stack([moe._expert(e, xt).norm(dim=-1) for e in range(8)], -1)
+    chosen = moe._variable_oracle(xt)
+    counts = chosen.sum(1)
+    assert chosen.sum() == 40 * 2 and counts.min() < 2 < counts.max()      # 2 per token on average, not each
+    # the pairs kept are the 80 largest norms of the call
+    assert torch.equal(norms[chosen].sort().values, torch.topk(norms.reshape(-1), 80).values.sort().values)
+    want = sum(moe._expert(e, xt) * chosen[:, e:e + 1] for e in range(8))
+    assert torch.allclose(moe(xt), want, rtol=1e-5, atol=1e-4)
+    # more of the output norm is kept than with two experts for every token
+    assert norms[chosen].sum() > torch.topk(norms, 2).values.sum()
+    # neurons: the 40 x 16 largest |h_i| * ||W_down[:, i]|| of the call
+    moe.oracle = "neuron-var"
+    h = F.silu(xt @ gate.t()) * (xt @ up.t())
+    keep = torch.topk((h.abs() * down.norm(dim=0)).reshape(-1), 40 * 16).indices
+    mask = torch.zeros(h.numel()).scatter_(0, keep, 1.0).view_as(h)
+    assert torch.allclose(moe(xt), (h * mask) @ down.t(), rtol=1e-4, atol=1e-4)
+    assert mask.sum(1).min() < 16 < mask.sum(1).max()
+
+
 @pytest.mark.parametrize("split,router", [("param", "similarity"), ("coact", "mlp")])
 def test_all_experts_active_reproduces_dense(tiny_models, split, router):
     ckpt = Checkpoint(tiny_models["qwen2"])

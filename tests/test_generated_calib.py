@@ -1,0 +1,78 @@
+"""``--calib generated``: calibration windows the dense model samples itself, seeded and cached."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gguf_moeify.adapters import adapter_for
+from gguf_moeify.calibration import calib_tokens, calibrated_plans
+from gguf_moeify.checkpoint import Checkpoint
+from gguf_moeify.generated_calib import sample_windows
+from gguf_moeify.methods import MethodOptions, get_method
+
+
+class NextTokenModel(torch.nn.Module):
+    """A causal LM whose next-token logits are ``table[previous token]``; counts its forward calls."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = table
+        self.calls = 0
+
+    def forward(self, input_ids, cache=None, use_cache=True):
+        self.calls += 1
+        return {"logits": self.table[input_ids], "cache": cache}
+
+
+def test_samples_follow_the_model_and_skip_banned_tokens():
+    vocab = 8
+    # token t is followed by t + 1 (mod 8) almost surely: the windows are that chain
+    chain = torch.full((vocab, vocab), -30.0)
+    chain[torch.arange(vocab), (torch.arange(vocab) + 1) % vocab] = 30.0
+    model = NextTokenModel(chain)
+    ids = sample_windows(model, start=3, banned=[], samples=2, seqlen=6, seed=0, progress=False)
+    assert ids.tolist() == [[3, 4, 5, 6, 7, 0]] * 2
+    assert model.calls == 6        # one step per token with the cache, not a rerun of the prefix
+    # a uniform model: every token but the banned ones, in proportions near uniform; seeded
+    uniform = NextTokenModel(torch.zeros(vocab, vocab))
+    a = sample_windows(uniform, start=0, banned=[0, 5], samples=64, seqlen=65, seed=1, progress=False)
+    b = sample_windows(uniform, start=0, banned=[0, 5], samples=64, seqlen=65, seed=1, progress=False)
+    c = sample_windows(uniform, start=0, banned=[0, 5], samples=64, seqlen=65, seed=2, progress=False)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    body = a[:, 1:].reshape(-1)
+    counts = torch.bincount(body, minlength=vocab)
+    assert counts[0] == 0 and counts[5] == 0
+    share = counts[[1, 2, 3, 4, 6, 7]].double() / len(body)
+    assert (share - 1 / 6).abs().max() < 0.03     # 4096 draws: the standard error is 0.006
+
+
+def test_generated_windows_are_seeded_cached_and_calibrate(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("GGUF_MOEIFY_CACHE", str(tmp_path))
+    ckpt = Checkpoint(tiny_models["llama"])
+    a = calib_tokens(ckpt, "generated", 3, 24, seed=5, progress=False)
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(ckpt.path))
+    assert a.shape == (3, 24) and (a[:, 0] == tok.bos_token_id).all()
+    assert not set(a[:, 1:].reshape(-1).tolist()) & set(tok.all_special_ids)
+    assert len({tuple(r) for r in a.tolist()}) == 3          # the windows differ from one another
+    cached = list((tmp_path / "calib").glob("generated-*.pt"))
+    assert len(cached) == 1
+    # the second call reads the cache: no model is loaded
+    import transformers
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("the cached windows were not reused"))
+    assert torch.equal(calib_tokens(ckpt, "generated", 3, 24, seed=5, progress=False), a)
+    monkeypatch.undo()
+    monkeypatch.setenv("GGUF_MOEIFY_CACHE", str(tmp_path))
+    assert not torch.equal(calib_tokens(ckpt, "generated", 3, 24, seed=6, progress=False), a)
+    # the pipeline calibrates on exactly these windows
+    opts = MethodOptions(experts=4, shared=1, top_k=1, calib="generated", calib_samples=3, calib_seqlen=24, seed=5)
+    seen = []
+    real = calib_tokens
+
+    def spy(*args, **kw):
+        seen.append(real(*args, **kw))
+        return seen[-1]
+    monkeypatch.setattr("gguf_moeify.calibration.calib_tokens", spy)
+    plans = calibrated_plans(ckpt, adapter_for(ckpt.config), get_method("cmoe"), opts, progress=False)
+    assert len(plans) == ckpt.n_layers and torch.equal(seen[0], a)
