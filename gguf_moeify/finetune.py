@@ -323,14 +323,11 @@ def decoder_layers(model, adapter, n_layers: int) -> list[nn.Module]:
 def finetune_windows(ckpt, calib: str | None, opts: LoRAOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, held-out) windows: the held-out ones come from the last eighth of the text (at least one window
     long), the training ones from the rest, so the held-out loss is measured on text training never saw."""
-    from .calibration import GENERATED, draw_windows, generated_windows, tokenize_text
+    from .calibration import corpus_tokens, draw_windows
     source = opts.data or calib
     seqlen = min(opts.seqlen, int(ckpt.config.get("max_position_embeddings") or opts.seqlen))
     n_held = max(1, opts.samples // 8)
-    if source == GENERATED:   # the model's own windows, the last ones held out
-        ids = generated_windows(ckpt, opts.samples, seqlen, opts.seed + 1)
-        return ids[:-n_held], ids[-n_held:]
-    ids = tokenize_text(ckpt.path, source)
+    ids = corpus_tokens(ckpt, source, opts.samples, seqlen, opts.seed + 1)
     cut = len(ids) - max(len(ids) // 8, seqlen + 1)
     # seed + 1: other windows than the calibration ones drawn from the same text
     train = draw_windows(ids[:cut], opts.samples - n_held, seqlen, opts.seed + 1, "--finetune-data")

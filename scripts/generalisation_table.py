@@ -1,14 +1,15 @@
 """Does what calibration teaches carry to other kinds of text? Perplexity ratio to dense per calibration source,
 active fraction and evaluation text, in the torch reference.
 
-    .venv/bin/python scripts/generalisation_table.py MODEL [--method finegrained] [--calibs generated,FILE,...]
+    .venv/bin/python scripts/generalisation_table.py MODEL [--method finegrained] [--calibs 'generated;FILE;generated,bundled']
         [--texts FILE,FILE] [--fractions 0.25,0.5,0.75] [--chunks 8 --ctx 512] [--calib-samples 8
         --calib-seqlen 512] [--out out/generalisation]
 
 Each (calibration source, fraction) is converted once (E/S/K from ``--active``'s sizing for the model's d_ff) and
 scored on every text; the dense perplexity of each text is computed once. Results are appended to
 ``OUT/generalisation.jsonl`` (cells already there are skipped) and the table goes to ``OUT/generalisation.md``.
-Defaults: calibration ``generated`` and the bundled *Sense and Sensibility* excerpt; evaluation on the bundled
+Defaults: calibration ``generated``, the bundled *Sense and Sensibility* excerpt, and both (half the windows
+each); evaluation on the bundled
 *Pride and Prejudice* excerpt (same author) and the Python tutorial excerpt (non-fiction).
 """
 from __future__ import annotations
@@ -31,15 +32,16 @@ from gguf_moeify.reference import load_dense, logits_fn, moeify_  # noqa: E402
 from gguf_moeify.sizing import expert_layout  # noqa: E402
 
 
-def label(path: str) -> str:
-    return Path(path).stem.replace("_excerpt", "")
+def label(source: str) -> str:
+    return "+".join(Path(part).stem.replace("_excerpt", "") for part in source.split(","))
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model")
     p.add_argument("--method", default="finegrained")
-    p.add_argument("--calibs", default=f"generated,{CALIB_EXCERPT}")
+    p.add_argument("--calibs", default=f"generated;{CALIB_EXCERPT};generated,bundled",
+                   help="calibration sources separated by ';' (one source may join several with ',')")
     p.add_argument("--texts", default=f"{EVAL_EXCERPT},{NONFICTION_EXCERPT}")
     p.add_argument("--fractions", default="0.25,0.5,0.75")
     p.add_argument("--chunks", type=int, default=8)
@@ -59,7 +61,7 @@ def main() -> int:
     bos = tok.bos_token_id if add_bos_of(tok) else None
     tokens = {t: tokenize_for_ppl(tok, read_text(t), bos is not None) for t in texts}
     dense = {}
-    for calib in args.calibs.split(","):
+    for calib in args.calibs.split(";"):
         for f in (float(x) for x in args.fractions.split(",")):
             e, s, k = expert_layout(args.method, ckpt.d_ff, f, None)
             own = FinegrainedOptions() if args.method == "finegrained" else None

@@ -95,9 +95,18 @@ def test_speedups_and_table_come_from_the_recorded_figures():
     assert moe8["tg_vs_limit"] == pytest.approx(0.5)
     assert (moe4["tg_speedup"], moe4["pp_speedup"], moe4["bw_limit_speedup"]) == (1.5, 0.7, 3.0)
     table = markdown_table(rows).splitlines()
-    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:] if line.startswith("|")]
     col = [c.strip() for c in table[0].strip("|").split("|")].index("tg vs dense")
     assert [c[col] for c in cells] == ["1.00x", "1.00x", "1.25x", "1.50x"]
+    # the frontier: cmoe q4_0 is fastest; dense q8_0 has the lowest perplexity; cmoe q8_0 is beaten by cmoe q4_0
+    # (faster, same perplexity), dense q4_0 by cmoe q4_0 (faster, lower perplexity)
+    for r, ppl in zip(rows, (9.0, 12.0, 11.0, 11.0)):
+        r["ppl"] = ppl
+    front = [c[-1] for c in ([c.strip() for c in line.strip("|").split("|")]
+                             for line in markdown_table(rows).splitlines()[2:6])]
+    assert front == ["**yes**", "", "", "**yes**"]
+    from gguf_moeify.bench.report import on_frontier
+    assert on_frontier([*rows, {"tg_ts": 95.0, "ppl": None}]) == [True, False, False, True, False]
 
 
 def test_config_syntax_and_fraction_mapping():

@@ -76,3 +76,26 @@ def test_generated_windows_are_seeded_cached_and_calibrate(tiny_models, tmp_path
     monkeypatch.setattr("gguf_moeify.calibration.calib_tokens", spy)
     plans = calibrated_plans(ckpt, adapter_for(ckpt.config), get_method("cmoe"), opts, progress=False)
     assert len(plans) == ckpt.n_layers and torch.equal(seen[0], a)
+
+
+def test_sources_joined_by_commas_share_the_windows(tiny_models, tmp_path, monkeypatch):
+    from gguf_moeify.bundled import CALIB_EXCERPT
+    from gguf_moeify.calibration import check_text_source, corpus_tokens, draw_windows, tokenize_text
+    from gguf_moeify.errors import UserError
+    monkeypatch.setenv("GGUF_MOEIFY_CACHE", str(tmp_path))
+    ckpt = Checkpoint(tiny_models["llama"])
+    mixed = calib_tokens(ckpt, "generated,bundled", 5, 24, seed=3, progress=False)
+    assert torch.equal(mixed[:3], calib_tokens(ckpt, "generated", 3, 24, seed=3, progress=False))
+    text = tokenize_text(ckpt.path, str(CALIB_EXCERPT))
+    assert torch.equal(mixed[3:], draw_windows(text, 2, 24, seed=3))
+    assert torch.equal(calib_tokens(ckpt, "bundled", 2, 24, seed=3), draw_windows(text, 2, 24, seed=3))
+    # the trainers' corpus: the text, then the generated windows one after another
+    corpus = corpus_tokens(ckpt, f"{CALIB_EXCERPT},generated", 3, 24, seed=3)
+    assert torch.equal(corpus, torch.cat([text, calib_tokens(ckpt, "generated", 3, 24, seed=3).reshape(-1)]))
+    check_text_source(f"generated,bundled,{CALIB_EXCERPT}", "--calib")
+    with pytest.raises(UserError, match="--calib nope.txt: no such file"):
+        check_text_source("generated,nope.txt", "--calib")
+    # a path with a comma in its name is one source
+    odd = tmp_path / "a,b.txt"
+    odd.write_text("some text " * 200)
+    check_text_source(str(odd), "--calib")

@@ -15,6 +15,16 @@ def _fmt(v, spec: str, err=None) -> str:
     return s + (" ± " + format(err, spec) if err is not None else "")
 
 
+def on_frontier(rows: list[dict], y: str = "ppl") -> list[bool]:
+    """For each row: is it on the speed/quality frontier, i.e. does no other row decode at least as fast with at
+    most its ``y`` (perplexity), better in one of the two? Rows without both figures are not."""
+    def has(r):
+        return r.get("tg_ts") is not None and r.get(y) is not None and math.isfinite(r[y])
+    pts = [(r["tg_ts"], r[y]) if has(r) else None for r in rows]
+    return [p is not None and not any(q is not None and q != p and q[0] >= p[0] and q[1] <= p[1] for q in pts)
+            for p in pts]
+
+
 def markdown_table(rows: list[dict]) -> str:
     synthetic = any(r.get("synthetic") for r in rows)
     if synthetic:
@@ -30,9 +40,9 @@ def markdown_table(rows: list[dict]) -> str:
                 f"| {r['peak_rss_mib']:.0f} |")
         return "\n".join(lines) + "\n"
     head = ("| model | active | type | size MiB | PPL | KLD vs base | top-1 same | pp t/s | tg t/s | tg vs dense "
-            "| bandwidth limit vs dense | peak RSS MiB |")
-    lines = [head, "|" + "---|" * 12]
-    for r in rows:
+            "| bandwidth limit vs dense | peak RSS MiB | frontier |")
+    lines = [head, "|" + "---|" * 13]
+    for r, front in zip(rows, on_frontier(rows)):
         top1 = None if r.get("top1") is None else 100 * r["top1"]
         top1_err = None if r.get("top1_err") is None else 100 * r["top1_err"]
         lines.append(
@@ -40,8 +50,9 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {_fmt(r.get('ppl'), '.3f')} | {_fmt(r.get('kld'), '.4f', r.get('kld_err'))} "
             f"| {_fmt(top1, '.1f', top1_err)}% | {_fmt(r['pp_ts'], '.1f', r['pp_ts_std'])} "
             f"| {_fmt(r['tg_ts'], '.1f', r['tg_ts_std'])} | {_fmt(r['tg_speedup'], '.2f')}x "
-            f"| {_fmt(r['bw_limit_speedup'], '.2f')}x | {r['peak_rss_mib']:.0f} |")
-    return "\n".join(lines) + "\n"
+            f"| {_fmt(r['bw_limit_speedup'], '.2f')}x | {r['peak_rss_mib']:.0f} | {'**yes**' if front else ''} |")
+    return ("\n".join(lines) + "\n\nfrontier: no other model decodes at least as fast at no higher perplexity "
+            "(better in one).\n")
 
 
 _COLORS = {"dense": "black", "mlpmoe": "tab:blue", "cmoe": "tab:orange", "moefication": "tab:green",

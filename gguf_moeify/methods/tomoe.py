@@ -108,13 +108,11 @@ def plans_from_masks(masks: torch.Tensor, routers: list[torch.Tensor], info: lis
 
 def plan_model(ckpt, adapter, opts: MethodOptions, progress: bool = True) -> list[MoEPlan]:
     """Train ToMoE on the calibration text with the whole (frozen) model in memory, then export the plans."""
-    from ..calibration import GENERATED, calib_tokens, tokenize_text
+    from ..calibration import corpus_tokens
     from ..reference import load_dense
     from ..tomoe_train import ToMoEModel, fingerprint, step_window, train
-    if opts.calib == GENERATED:   # the model's own text, as one sequence training windows are drawn from
-        ids = calib_tokens(ckpt, GENERATED, opts.calib_samples, opts.calib_seqlen, opts.seed, progress).reshape(-1)
-    else:
-        ids = tokenize_text(ckpt.path, opts.calib)
+    seqlen = min(opts.calib_seqlen, int(ckpt.config.get("max_position_embeddings") or opts.calib_seqlen))
+    ids = corpus_tokens(ckpt, opts.calib, opts.calib_samples, seqlen, opts.seed)
     topts = train_options(opts, int(ckpt.config.get("max_position_embeddings") or 0) or None)
     model, _ = load_dense(ckpt, tokenizer=False)
     tm = ToMoEModel(model, adapter, ckpt.n_layers, topts)
