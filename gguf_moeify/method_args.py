@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields, replace
 
+from .bundled import DEFAULT_CALIB
 from .errors import UserError
 from .methods import METHOD_NAMES, MethodOptions
 from .methods.options import OWN_OPTIONS
@@ -23,11 +24,12 @@ def add_method_args(p: argparse.ArgumentParser, main: argparse._ArgumentGroup) -
                            "the method from the model's intermediate size (finegrained at 0.5 on d_ff 1536: "
                            "S8A16E48, on d_ff 14336: S74A150E448); explicit -E/-S win (default: 0.5; mlpmoe: 1, "
                            "exact slicing; tomoe: its --budget)")
-    main.add_argument("--calib", default=None, metavar="FILE|DIR|wikitext2",
-                      help="calibration text: a UTF-8 file, a folder of .txt files, or wikitext2 (WikiText-2 train "
-                           "via the `datasets` package, online only); required by cmoe, moefication, finegrained "
-                           "and tomoe; the package bundles an excerpt of Sense and Sensibility in "
-                           "gguf_moeify/data/ (default: none)")
+    main.add_argument("--calib", default=None, metavar="SOURCE[,SOURCE...]",
+                      help="calibration text of cmoe, moefication, finegrained and tomoe: a UTF-8 file, a folder of "
+                           ".txt files, 'generated' (text the model samples itself, cached per model), 'bundled' "
+                           "(the packaged excerpt of Sense and Sensibility) or 'wikitext2' (online, `datasets` "
+                           "package); several joined by commas share the windows (default: "
+                           f"{DEFAULT_CALIB}; mlpmoe: none)")
     g = p.add_argument_group("method details (advanced; --experts/--shared/--top-k default: from --active)")
     g.add_argument("--experts", "-E", type=int, default=None,
                    help="total experts per layer, shared ones included; must divide the MLP's intermediate size "
@@ -181,7 +183,8 @@ def method_options(args) -> MethodOptions:
     if args.method == "mlpmoe" and args.calib is not None:
         raise UserError("--calib is for the data-driven methods (cmoe, moefication, finegrained, tomoe); mlpmoe "
                         "uses no data")
-    return MethodOptions(experts=experts, shared=shared, top_k=top_k, calib=args.calib,
+    calib = args.calib if args.calib is not None or args.method == "mlpmoe" else DEFAULT_CALIB
+    return MethodOptions(experts=experts, shared=shared, top_k=top_k, calib=calib,
                          calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
                          layer_budget=args.layer_budget, runtime=args.runtime, shared_layout=args.shared_layout,
                          router_dtype=args.router_dtype, active=active, own=own)

@@ -99,3 +99,20 @@ def test_sources_joined_by_commas_share_the_windows(tiny_models, tmp_path, monke
     odd = tmp_path / "a,b.txt"
     odd.write_text("some text " * 200)
     check_text_source(str(odd), "--calib")
+
+
+def test_convert_calibrates_on_the_default_sources_without_calib(tiny_models, tmp_path, monkeypatch):
+    import json
+
+    import gguf
+
+    from gguf_moeify.bundled import DEFAULT_CALIB
+    from gguf_moeify.cli import main as cli_main
+    monkeypatch.setenv("GGUF_MOEIFY_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out.gguf"
+    assert cli_main([str(tiny_models["llama"]), str(out), "--method", "finegrained", "--calib-samples", "2",
+                     "--calib-seqlen", "32", "-q"]) == 0
+    field = gguf.GGUFReader(str(out)).fields["gguf_moeify.provenance"]
+    recorded = json.loads(bytes(field.parts[field.data[0]]).decode())
+    assert recorded["options"]["calib"] == DEFAULT_CALIB == "generated,bundled"
+    assert len(list((tmp_path / "cache" / "calib").glob("generated-*.pt"))) == 1   # one window generated

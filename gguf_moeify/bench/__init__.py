@@ -42,6 +42,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from ..bundled import DEFAULT_CALIB
 from ..cli_args import Parser, prog_name
 from ..errors import UserError
 from ..method_args import add_method_flags
@@ -92,10 +93,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", "-r", type=int, default=3, help="llama-bench repetitions, >= 3 (default: %(default)s)")
     p.add_argument("--n-prompt", "-p", type=int, default=128, help="llama-bench prompt tokens (default: %(default)s)")
     p.add_argument("--n-gen", "-n", type=int, default=32, help="llama-bench generated tokens (default: %(default)s)")
-    p.add_argument("--calib", default=None, help="calibration text for cmoe/moefication/finegrained/tomoe "
-                                                 "(FILE|DIR|wikitext2) (default: none)")
-    p.add_argument("--calib-samples", type=int, default=4, help="calibration windows (default: %(default)s)")
-    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window "
+    p.add_argument("--calib", default=DEFAULT_CALIB, help="calibration text for cmoe/moefication/finegrained/tomoe, "
+                                                          "as convert's --calib (default: %(default)s)")
+    p.add_argument("--calib-samples", type=int, default=8, help="calibration windows, as convert's "
+                                                                "(default: %(default)s)")
+    p.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration window "
                                                                  "(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="conversion / synthetic weights seed (default: %(default)s)")
     p.add_argument("--layer-budget", default="uniform", choices=("uniform", "sensitivity"),
