@@ -8,5 +8,5 @@ CALIB_EXCERPT = DATA_DIR / "sense_and_sensibility_excerpt.txt"   # calibration
 EVAL_EXCERPT = DATA_DIR / "pride_and_prejudice_excerpt.txt"      # held-out evaluation, never calibrated on
 NONFICTION_EXCERPT = DATA_DIR / "python_tutorial_excerpt.txt"    # held-out evaluation of another kind: prose + code
 # the default --calib of the data-driven methods: half the windows text the model samples itself, half the excerpt
-# (of the sources compared, the one whose worst held-out text loses least: docs/generalisation.md)
+# (of the sources compared, the one whose worse held-out text loses least: docs/generalisation.md)
 DEFAULT_CALIB = "generated,bundled"

@@ -8,7 +8,8 @@ top-k/top-p), with every special token masked so a window stays one document. Sa
 dtype and the options, so only the first conversion of a model pays for the generation.
 
 Cost: ``seqlen`` forward steps of the whole model over a batch of ``samples`` windows with a KV cache, i.e. about
-``samples x seqlen`` tokens of decoding; the whole model is in memory for it (freed before calibration starts).
+``samples x seqlen`` tokens of decoding; the whole model is in memory for it, in its stored 16-bit type where it has
+one (freed before calibration starts, so the conversion's peak is the larger of the two, never both).
 """
 from __future__ import annotations
 
@@ -30,10 +31,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GGUF_MOEIFY_CACHE", Path.home() / ".cache" / "gguf_moeify")).expanduser() / "calib"
 
 
+def generation_dtype(ckpt) -> torch.dtype:
+    """The working dtype, or the checkpoint's own 16-bit type where it is stored in one: the whole model is in
+    memory for the generation, and a bf16 8B model is 16 GB where f32 would be 32."""
+    from .checkpoint import DTYPES
+    stored = ckpt.header_dtype(ckpt.names()[0])
+    narrow = {"F16": "float16", "BF16": "bfloat16"}.get(stored)
+    return DTYPES[narrow] if narrow and ckpt.dtype == torch.float32 else ckpt.dtype
+
+
 def cache_key(ckpt, samples: int, seqlen: int, seed: int) -> str:
     files = sorted((p.name, p.stat().st_size) for p in Path(ckpt.path).glob("*.safetensors"))
-    key = {"format": FORMAT, "config": ckpt.config, "files": files, "dtype": str(ckpt.dtype), "samples": samples,
-           "seqlen": seqlen, "seed": seed}
+    key = {"format": FORMAT, "config": ckpt.config, "files": files, "dtype": str(generation_dtype(ckpt)),
+           "samples": samples, "seqlen": seqlen, "seed": seed}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -68,7 +78,7 @@ def generated_windows(ckpt, samples: int, seqlen: int, seed: int, progress: bool
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=ckpt.dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=generation_dtype(ckpt)).eval()
     tok = AutoTokenizer.from_pretrained(str(ckpt.path))
     vocab = model.get_output_embeddings().weight.shape[0]
     banned = sorted({int(i) for i in tok.all_special_ids if int(i) < vocab} |

@@ -67,10 +67,11 @@ def add_method_args(p: argparse.ArgumentParser, main: argparse._ArgumentGroup) -
                         "torch reference rounds as llama.cpp's CPU backend does (default: %(default)s)")
     add_method_flags(p, METHOD_NAMES)
     c = p.add_argument_group("calibration (advanced; cmoe, moefication, finegrained, tomoe)")
-    c.add_argument("--calib-samples", type=int, default=8,
-                   help="calibration windows, drawn at random starts (tomoe draws one window per training step "
-                        "instead) (default: %(default)s)")
-    c.add_argument("--calib-seqlen", type=int, default=2048,
+    c.add_argument("--calib-samples", type=int, default=32,
+                   help="calibration windows, drawn at random starts or generated (tomoe draws one window per "
+                        "training step from them instead); more windows of the same tokens generalise better "
+                        "(default: %(default)s)")
+    c.add_argument("--calib-seqlen", type=int, default=512,
                    help="tokens per calibration window, capped at the model's context (tomoe: --seqlen) "
                         "(default: %(default)s)")
     c.add_argument("--seed", type=int, default=0,

@@ -1,9 +1,9 @@
 """Does what calibration teaches carry to other kinds of text? Perplexity ratio to dense per calibration source,
 active fraction and evaluation text, in the torch reference.
 
-    .venv/bin/python scripts/generalisation_table.py MODEL [--method finegrained] [--calibs 'generated;FILE;generated,bundled']
-        [--texts FILE,FILE] [--fractions 0.25,0.5,0.75] [--chunks 8 --ctx 512] [--calib-samples 8
-        --calib-seqlen 512] [--out out/generalisation]
+    .venv/bin/python scripts/generalisation_table.py MODEL [--method finegrained] [--router linear]
+        [--calibs 'generated;FILE;generated,bundled'] [--texts FILE,FILE] [--fractions 0.25,0.5,0.75]
+        [--chunks 8 --ctx 512] [--calib-samples 8 --calib-seqlen 512] [--out out/generalisation]
 
 Each (calibration source, fraction) is converted once (E/S/K from ``--active``'s sizing for the model's d_ff) and
 scored on every text; the dense perplexity of each text is computed once. Results are appended to
@@ -40,6 +40,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model")
     p.add_argument("--method", default="finegrained")
+    p.add_argument("--router", default="linear", help="finegrained's --router (linear or mlp)")
     p.add_argument("--calibs", default=f"generated;{CALIB_EXCERPT};generated,bundled",
                    help="calibration sources separated by ';' (one source may join several with ',')")
     p.add_argument("--texts", default=f"{EVAL_EXCERPT},{NONFICTION_EXCERPT}")
@@ -64,7 +65,7 @@ def main() -> int:
     for calib in args.calibs.split(";"):
         for f in (float(x) for x in args.fractions.split(",")):
             e, s, k = expert_layout(args.method, ckpt.d_ff, f, None)
-            own = FinegrainedOptions() if args.method == "finegrained" else None
+            own = FinegrainedOptions(router=args.router) if args.method == "finegrained" else None
             opts = MethodOptions(experts=e, shared=s, top_k=k, calib=calib, calib_samples=args.calib_samples,
                                  calib_seqlen=args.calib_seqlen, seed=args.seed, own=own)
             key = json.dumps({"model": args.model, "method": args.method, "calib": label(calib), "f": f,

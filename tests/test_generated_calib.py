@@ -116,3 +116,21 @@ def test_convert_calibrates_on_the_default_sources_without_calib(tiny_models, tm
     recorded = json.loads(bytes(field.parts[field.data[0]]).decode())
     assert recorded["options"]["calib"] == DEFAULT_CALIB == "generated,bundled"
     assert len(list((tmp_path / "cache" / "calib").glob("generated-*.pt"))) == 1   # one window generated
+
+
+def test_generation_runs_in_the_stored_16_bit_type():
+    from gguf_moeify.generated_calib import generation_dtype
+
+    class Stored:
+        def __init__(self, stored, dtype):
+            self.stored, self.dtype = stored, dtype
+
+        def names(self):
+            return ["w"]
+
+        def header_dtype(self, name):
+            return self.stored
+    assert generation_dtype(Stored("BF16", torch.float32)) == torch.bfloat16
+    assert generation_dtype(Stored("F16", torch.float32)) == torch.float16
+    assert generation_dtype(Stored("F32", torch.float32)) == torch.float32
+    assert generation_dtype(Stored("BF16", torch.float16)) == torch.float16   # an explicit --dtype wins

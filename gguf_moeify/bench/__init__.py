@@ -95,9 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n-gen", "-n", type=int, default=32, help="llama-bench generated tokens (default: %(default)s)")
     p.add_argument("--calib", default=DEFAULT_CALIB, help="calibration text for cmoe/moefication/finegrained/tomoe, "
                                                           "as convert's --calib (default: %(default)s)")
-    p.add_argument("--calib-samples", type=int, default=8, help="calibration windows, as convert's "
-                                                                "(default: %(default)s)")
-    p.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration window "
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration windows, as convert's "
+                                                                 "(default: %(default)s)")
+    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window "
                                                                  "(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="conversion / synthetic weights seed (default: %(default)s)")
     p.add_argument("--layer-budget", default="uniform", choices=("uniform", "sensitivity"),

@@ -110,8 +110,8 @@ class MethodOptions:
     shared: int | None = 0      # S: experts merged into the always-on shared expert (CMoE's x); None = default
     top_k: int | None = None    # routed experts per token (CMoE's y); None = the method's default
     calib: str | None = None    # data-driven methods: text file, folder of .txt, or "wikitext2"
-    calib_samples: int = 8      # calibration windows
-    calib_seqlen: int = 2048    # tokens per window (capped at the model's context)
+    calib_samples: int = 32     # calibration windows
+    calib_seqlen: int = 512     # tokens per window (capped at the model's context)
     seed: int = 0               # calibration windows, k-means initialisation, router training
     layer_budget: str = "uniform"   # "sensitivity": per-layer top-k from measured error curves (same average)
     runtime: str = "patched"        # "stock": plans expressed for unmodified llama.cpp (stock.py)
