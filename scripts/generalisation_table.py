@@ -3,7 +3,7 @@ active fraction and evaluation text, in the torch reference.
 
     .venv/bin/python scripts/generalisation_table.py MODEL [--method finegrained] [--router linear]
         [--calibs 'generated;FILE;generated,bundled'] [--texts FILE,FILE] [--fractions 0.25,0.5,0.75]
-        [--chunks 8 --ctx 512] [--calib-samples 8 --calib-seqlen 512] [--out out/generalisation]
+        [--chunks 8 --ctx 512] [--calib-samples 8 --calib-seqlen 512] [--finetune lm|kd] [--out out/generalisation]
 
 Each (calibration source, fraction) is converted once (E/S/K from ``--active``'s sizing for the model's d_ff) and
 scored on every text; the dense perplexity of each text is computed once. Results are appended to
@@ -27,6 +27,7 @@ from gguf_moeify.bundled import CALIB_EXCERPT, EVAL_EXCERPT, NONFICTION_EXCERPT 
 from gguf_moeify.convert import make_plans, open_model  # noqa: E402
 from gguf_moeify.eval_cmd import add_bos_of  # noqa: E402
 from gguf_moeify.evaluate import perplexity, read_text, tokenize_for_ppl  # noqa: E402
+from gguf_moeify.finetune import LoRAOptions, finetune_lora  # noqa: E402
 from gguf_moeify.methods import FinegrainedOptions, MethodOptions  # noqa: E402
 from gguf_moeify.reference import load_dense, logits_fn, moeify_  # noqa: E402
 from gguf_moeify.sizing import expert_layout  # noqa: E402
@@ -41,6 +42,9 @@ def main() -> int:
     p.add_argument("model")
     p.add_argument("--method", default="finegrained")
     p.add_argument("--router", default="linear", help="finegrained's --router (linear or mlp)")
+    p.add_argument("--finetune", default=None, choices=("lm", "kd"),
+                   help="then LoRA recovery with that loss (convert's --finetune lora defaults) on the calibration "
+                        "source, scored on every text again")
     p.add_argument("--calibs", default=f"generated;{CALIB_EXCERPT};generated,bundled",
                    help="calibration sources separated by ';' (one source may join several with ',')")
     p.add_argument("--texts", default=f"{EVAL_EXCERPT},{NONFICTION_EXCERPT}")
@@ -66,9 +70,11 @@ def main() -> int:
         for f in (float(x) for x in args.fractions.split(",")):
             e, s, k = expert_layout(args.method, ckpt.d_ff, f, None)
             own = FinegrainedOptions(router=args.router) if args.method == "finegrained" else None
-            opts = MethodOptions(experts=e, shared=s, top_k=k, calib=calib, calib_samples=args.calib_samples,
+            data = None if args.method == "mlpmoe" else calib   # mlpmoe (all active: the dense MLP) uses none
+            opts = MethodOptions(experts=e, shared=s, top_k=k, calib=data, calib_samples=args.calib_samples,
                                  calib_seqlen=args.calib_seqlen, seed=args.seed, own=own)
             key = json.dumps({"model": args.model, "method": args.method, "calib": label(calib), "f": f,
+                              **({"finetune": args.finetune} if args.finetune else {}),
                               "texts": [label(t) for t in texts], "chunks": args.chunks, "ctx": args.ctx,
                               "opts": opts.recorded()}, sort_keys=True, default=str)
             if key in done:
@@ -84,6 +90,12 @@ def main() -> int:
                 rec["ppl"][label(t)] = perplexity(logits_fn(model), tokens[t], args.ctx, args.chunks, bos,
                                                   label(t)).ppl
                 rec["dense"][label(t)] = dense[t]
+            if args.finetune:
+                lora = LoRAOptions(seed=args.seed, loss=args.finetune)
+                rec["finetune"] = {k: v for k, v in finetune_lora(model, ckpt, adapter, calib, lora).items()
+                                   if isinstance(v, (int, float, str))}
+                rec["tuned"] = {label(t): perplexity(logits_fn(model), tokens[t], args.ctx, args.chunks, bos,
+                                                     label(t)).ppl for t in texts}
             rec["seconds"] = round(time.time() - t0, 1)
             model, _ = load_dense(ckpt, tokenizer=False)     # a fresh dense model for the next plan
             with log.open("a") as fh:
@@ -91,23 +103,31 @@ def main() -> int:
             done[key] = rec
             print(rec["calib"], f, {t: f"{rec['ppl'][t]:.2f} ({rec['ppl'][t] / rec['dense'][t]:.2f}x)"
                                     for t in rec["ppl"]}, f"[{rec['seconds']:.0f} s]", flush=True)
+            if "tuned" in rec:
+                print("  after LoRA", {t: f"{v:.2f} ({v / rec['dense'][t]:.2f}x)" for t, v in rec["tuned"].items()},
+                      flush=True)
     (out / "generalisation.md").write_text(markdown(list(done.values())))
     print(markdown(list(done.values())))
     return 0
 
 
 def markdown(recs: list[dict]) -> str:
+    """One row per calibration source (and, after LoRA, ``source + LoRA kd|lm``) and text; a cell per fraction."""
     texts = sorted({t for r in recs for t in r["ppl"]})
     fractions = sorted({r["f"] for r in recs})
     lines = ["dense: " + ", ".join(f"{t} {recs[0]['dense'][t]:.3f}" for t in texts if t in recs[0]["dense"]), "",
              "| calibration | text | " + " | ".join(f"{f:.0%} active" for f in fractions) + " |",
              "|---|---|" + "---|" * len(fractions)]
-    by = {(r["calib"], r["f"]): r for r in recs}
-    for calib in dict.fromkeys(r["calib"] for r in recs):
+    by = {}
+    for r in recs:
+        by[r["calib"], r["f"]] = r["ppl"], r["dense"]
+        if "tuned" in r:
+            by[f"{r['calib']} + LoRA {r['finetune']['loss']}", r["f"]] = r["tuned"], r["dense"]
+    for row in dict.fromkeys(name for name, _ in by):
         for t in texts:
-            cells = [f"{by[calib, f]['ppl'][t]:.2f} ({by[calib, f]['ppl'][t] / by[calib, f]['dense'][t]:.2f}x)"
-                     if (calib, f) in by and t in by[calib, f]["ppl"] else "" for f in fractions]
-            lines.append(f"| {calib} | {t} | " + " | ".join(cells) + " |")
+            cells = [f"{by[row, f][0][t]:.2f} ({by[row, f][0][t] / by[row, f][1][t]:.2f}x)"
+                     if (row, f) in by and t in by[row, f][0] else "" for f in fractions]
+            lines.append(f"| {row} | {t} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
