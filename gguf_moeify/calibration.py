@@ -1,11 +1,12 @@
 """Calibration data and the layer-sequential pipeline for data-driven methods (CMoE, MoEfication).
 
 Calibration text (``--calib``): a UTF-8 text file, a folder of ``*.txt`` files (sorted by name, joined by blank
-lines), ``generated`` (text the dense model samples itself: generated_calib.py) or ``wikitext2`` (WikiText-2 raw
-train split through the ``datasets`` library; online only). The text is
-tokenised once (no special tokens) and ``--calib-samples`` windows of ``--calib-seqlen`` tokens are cut at random
-starts drawn from a generator seeded with ``--seed`` (the GPTQ/CMoE recipe), so the same options give the same tokens.
-The window length is capped at the model's ``max_position_embeddings``.
+lines), ``bundled`` (the package's excerpt), ``generated`` (windows the dense model samples itself:
+generated_calib.py) or ``wikitext2`` (WikiText-2 raw train split through the ``datasets`` library; online only), or
+several of them joined by commas, which share the windows evenly. A text is tokenised once (no special tokens) and
+its windows of ``--calib-seqlen`` tokens are cut at random starts drawn from a generator seeded with ``--seed`` (the
+GPTQ/CMoE recipe), so the same options give the same tokens. The window length is capped at the model's
+``max_position_embeddings``.
 
 Layer-sequential statistics (AutoAWQ/llm-compressor's "catch the first layer's inputs", CMoE step 6): the HF model
 is built on the meta device (no weights), the embedding output of the calibration tokens is computed once, and then

@@ -4,8 +4,10 @@ Each window starts with the model's BOS token (its EOS where it has none: the do
 vocabularies) and continues with tokens sampled from the model's own next-token distribution (temperature 1, no
 top-k/top-p), with every special token masked so a window stays one document. Sampling uses a generator seeded with
 ``--seed``: the same model and options give the same tokens. The windows are cached under
-``~/.cache/gguf_moeify/calib/`` (``GGUF_MOEIFY_CACHE`` moves it), keyed by the model's config, weight files, working
-dtype and the options, so only the first conversion of a model pays for the generation.
+``~/.cache/gguf_moeify/calib/`` (``GGUF_MOEIFY_CACHE`` moves it), keyed by the model's config, the names and sizes of
+its weight files, the generation dtype and the options, so only the first conversion of a model pays for the
+generation. The tokens are the same for the same options on one machine; another CPU or thread count may round the
+logits differently and so sample other tokens (give a text file where bit-identical files across machines matter).
 
 Cost: ``seqlen`` forward steps of the whole model over a batch of ``samples`` windows with a KV cache, i.e. about
 ``samples x seqlen`` tokens of decoding; the whole model is in memory for it, in its stored 16-bit type where it has
@@ -62,7 +64,8 @@ def sample_windows(model, start: int, banned: list[int], samples: int, seqlen: i
     ids = torch.full((samples, seqlen), start, dtype=torch.long)
     out = model(input_ids=ids[:, :1], use_cache=True)
     cache = "cache" if "cache" in out else "past_key_values"   # recent transformers name the KV cache `cache`
-    for t in tqdm(range(1, seqlen), desc="generating calibration text", unit="token", disable=not progress):
+    for t in tqdm(range(1, seqlen), desc=f"generating calibration text ({samples} windows)", unit="step",
+                  disable=not progress):
         logits = out["logits"][:, -1].float()
         logits[:, banned] = float("-inf")
         ids[:, t] = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)[:, 0]
