@@ -16,7 +16,7 @@ def evaluate_model(model: str, text_file: str, method: str, opts: MethodOptions,
                    ctx: int = 512, chunks: int | None = None, oracle: bool = False, finetune=None) -> dict:
     """Dense vs converted perplexity; with ``finetune`` (LoRAOptions) also after LoRA recovery; with ``oracle`` the
     ceilings of the (fine-tuned, if so) plan: experts or neurons chosen by their true outputs, a fixed number per
-    token or the same mean number per token (moe_torch.VARIABLE_ORACLES)."""
+    token or the same mean number per token (MoEMLP.oracle "expert-var" / "neuron-var")."""
     if finetune is not None:
         finetune.check(opts.calib)
     if ctx < 16 or (chunks is not None and chunks < 1):

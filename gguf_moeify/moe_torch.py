@@ -15,8 +15,6 @@ from torch import nn
 from .plan import MoEPlan, expert_tensors
 from .routers import log_norm_targets, router_scores
 
-VARIABLE_ORACLES = ("expert-var", "neuron-var")
-
 
 class MoEMLP(nn.Module):
     def __init__(self, plan: MoEPlan, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act,
@@ -29,7 +27,7 @@ class MoEMLP(nn.Module):
         # |h_i| * ||W_down[:, i]||, over all of the plan's neurons: the ceiling of any expert grouping;
         # "expert-var" / "neuron-var": the same mean number per token, spent where it matters most: over all the
         # tokens of a forward call (one window), the T * top_k (token, expert) pairs (or T * n (token, neuron)
-        # pairs) with the largest norms, so a token gets anything from none to all of them (VARIABLE_ORACLES)
+        # pairs) with the largest norms, so a token gets anything from none to all of them
         self.oracle = oracle
         self.act = act   # the model's MLP activation (Adapter.act)
         self.top_k = plan.top_k
@@ -121,8 +119,7 @@ class MoEMLP(nn.Module):
     def select_weighted(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(chosen expert indices (T, top_k), their weights (T, top_k), or None for unit weights)."""
         if self.oracle:  # unit weights (a stock plan's folded expert scale undone)
-            scores = torch.stack([self._expert(e, x).norm(dim=-1) for e in range(self.gate_exps.shape[0])], -1)
-            chosen = torch.topk(scores, self.top_k, dim=-1).indices
+            chosen = torch.topk(self._expert_norms(x), self.top_k, dim=-1).indices
             unfold = 1.0 / self.plan.expert_scale
             return chosen, None if unfold == 1.0 else torch.full(chosen.shape, unfold, dtype=x.dtype)
         scores = self.scores(x)
@@ -136,9 +133,13 @@ class MoEMLP(nn.Module):
             w = w / w.sum(-1, keepdim=True).clamp(min=6.103515625e-5)
         return chosen, w.to(x.dtype)
 
+    def _expert_norms(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, E) the L2 norm of every routed expert's output for every row of x: what the oracles rank by."""
+        return torch.stack([self._expert(e, x).norm(dim=-1) for e in range(self.gate_exps.shape[0])], -1)
+
     def _variable_oracle(self, x: torch.Tensor) -> torch.Tensor:
         """(T, E) bool: the T * top_k largest expert output norms of the call, wherever they fall."""
-        norms = torch.stack([self._expert(e, x).norm(dim=-1) for e in range(self.gate_exps.shape[0])], -1)
+        norms = self._expert_norms(x)
         keep = torch.topk(norms.reshape(-1), x.shape[0] * self.top_k).indices
         return torch.zeros(norms.numel(), dtype=torch.bool, device=x.device).scatter_(0, keep, True).view_as(norms)
 
