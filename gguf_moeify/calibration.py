@@ -116,7 +116,7 @@ def calib_tokens(ckpt, source: str, samples: int, seqlen: int, seed: int = 0, pr
         raise UserError(f"--calib-samples must be >= 1, got {samples}")
     if seqlen < 2:
         raise UserError(f"--calib-seqlen must be >= 2, got {seqlen}")
-    seqlen = min(seqlen, int(ckpt.config.get("max_position_embeddings") or seqlen))
+    seqlen = ckpt.window(seqlen)
     parts = source_parts(source)
     out = []
     for i, part in enumerate(parts):

@@ -176,3 +176,7 @@ class Checkpoint:
     @property
     def n_embd(self) -> int:
         return int(self.config["hidden_size"])
+
+    def window(self, seqlen: int) -> int:
+        """``seqlen`` capped at the model's context (``max_position_embeddings``, when the config gives one)."""
+        return min(seqlen, int(self.config.get("max_position_embeddings") or seqlen))

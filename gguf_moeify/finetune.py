@@ -325,7 +325,7 @@ def finetune_windows(ckpt, calib: str | None, opts: LoRAOptions) -> tuple[torch.
     long), the training ones from the rest, so the held-out loss is measured on text training never saw."""
     from .calibration import corpus_tokens, draw_windows
     source = opts.data or calib
-    seqlen = min(opts.seqlen, int(ckpt.config.get("max_position_embeddings") or opts.seqlen))
+    seqlen = ckpt.window(opts.seqlen)
     n_held = max(1, opts.samples // 8)
     ids = corpus_tokens(ckpt, source, opts.samples, seqlen, opts.seed + 1)
     cut = len(ids) - max(len(ids) // 8, seqlen + 1)

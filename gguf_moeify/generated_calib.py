@@ -4,10 +4,11 @@ Each window starts with the model's BOS token (its EOS where it has none: the do
 vocabularies) and continues with tokens sampled from the model's own next-token distribution (temperature 1, no
 top-k/top-p), with every special token masked so a window stays one document. Sampling uses a generator seeded with
 ``--seed``: the same model and options give the same tokens. The windows are cached under
-``~/.cache/gguf_moeify/calib/`` (``GGUF_MOEIFY_CACHE`` moves it), keyed by the model's config, the names and sizes of
-its weight files, the generation dtype and the options, so only the first conversion of a model pays for the
-generation. The tokens are the same for the same options on one machine; another CPU or thread count may round the
-logits differently and so sample other tokens (give a text file where bit-identical files across machines matter).
+``~/.cache/gguf_moeify/calib/`` (``GGUF_MOEIFY_CACHE`` moves it), keyed by the model's config, the names, sizes and
+modification times of its weight files (weights edited in place are generated for anew), the generation dtype and
+the options, so only the first conversion of a model pays for the generation. The tokens are the same for the same
+options on one machine; another CPU or thread count may round the logits differently and so sample other tokens
+(give a text file where bit-identical files across machines matter).
 
 Cost: ``seqlen`` forward steps of the whole model over a batch of ``samples`` windows with a KV cache, i.e. about
 ``samples x seqlen`` tokens of decoding; the whole model is in memory for it, in its stored 16-bit type where it has
@@ -43,7 +44,8 @@ def generation_dtype(ckpt) -> torch.dtype:
 
 
 def cache_key(ckpt, samples: int, seqlen: int, seed: int) -> str:
-    files = sorted((p.name, p.stat().st_size) for p in Path(ckpt.path).glob("*.safetensors"))
+    # names, sizes and mtimes, not contents: hashing an 8B model's 16 GB would cost more than a small generation
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(ckpt.path).glob("*.safetensors"))
     key = {"format": FORMAT, "config": ckpt.config, "files": files, "dtype": str(generation_dtype(ckpt)),
            "samples": samples, "seqlen": seqlen, "seed": seed}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]

@@ -1,13 +1,16 @@
 """``--calib generated``: calibration windows the dense model samples itself, seeded and cached."""
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 
 from gguf_moeify.adapters import adapter_for
 from gguf_moeify.calibration import calib_tokens, calibrated_plans
 from gguf_moeify.checkpoint import Checkpoint
-from gguf_moeify.generated_calib import sample_windows
+from gguf_moeify.generated_calib import cache_key, sample_windows
 from gguf_moeify.methods import MethodOptions, get_method
 
 
@@ -76,6 +79,18 @@ def test_generated_windows_are_seeded_cached_and_calibrate(tiny_models, tmp_path
     monkeypatch.setattr("gguf_moeify.calibration.calib_tokens", spy)
     plans = calibrated_plans(ckpt, adapter_for(ckpt.config), get_method("cmoe"), opts, progress=False)
     assert len(plans) == ckpt.n_layers and torch.equal(seen[0], a)
+
+
+def test_cache_key_follows_weights_edited_in_place(tiny_models, tmp_path):
+    model = shutil.copytree(tiny_models["llama"], tmp_path / "m")
+    ckpt = Checkpoint(model)
+    key = cache_key(ckpt, 3, 24, 5)
+    assert cache_key(Checkpoint(model), 3, 24, 5) == key          # the same files: the same windows
+    weights = next(model.glob("*.safetensors"))
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))   # same size, rewritten later
+    assert cache_key(Checkpoint(model), 3, 24, 5) != key
+    assert cache_key(ckpt, 3, 24, 6) != cache_key(ckpt, 4, 24, 5) != cache_key(ckpt, 3, 25, 5)
 
 
 def test_sources_joined_by_commas_share_the_windows(tiny_models, tmp_path, monkeypatch):

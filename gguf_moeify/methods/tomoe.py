@@ -69,10 +69,11 @@ def validate(opts: MethodOptions, d_ff: int) -> None:
         raise UserError(f"--seqlen must be >= 2, got {own.seqlen}")
 
 
-def train_options(opts: MethodOptions, max_positions: int | None = None):
+def train_options(opts: MethodOptions, window):
+    """``window``: the checkpoint's context cap, ``Checkpoint.window``."""
     from ..tomoe_train import TrainOptions
     own = opts.own_for(ToMoEOptions)
-    seqlen = min(own.seqlen, max_positions or own.seqlen)
+    seqlen = window(own.seqlen)
     return TrainOptions(experts=opts.experts, budget=float(own.budget_or_default()),
                         budget_on=own.budget_on_for(opts.runtime), steps=own.train_steps, lr=float(own.lr),
                         seqlen=seqlen, seed=opts.seed, state=own.state)
@@ -111,9 +112,8 @@ def plan_model(ckpt, adapter, opts: MethodOptions, progress: bool = True) -> lis
     from ..calibration import corpus_tokens
     from ..reference import load_dense
     from ..tomoe_train import ToMoEModel, fingerprint, step_window, train
-    seqlen = min(opts.calib_seqlen, int(ckpt.config.get("max_position_embeddings") or opts.calib_seqlen))
-    ids = corpus_tokens(ckpt, opts.calib, opts.calib_samples, seqlen, opts.seed)
-    topts = train_options(opts, int(ckpt.config.get("max_position_embeddings") or 0) or None)
+    ids = corpus_tokens(ckpt, opts.calib, opts.calib_samples, ckpt.window(opts.calib_seqlen), opts.seed)
+    topts = train_options(opts, ckpt.window)
     model, _ = load_dense(ckpt, tokenizer=False)
     tm = ToMoEModel(model, adapter, ckpt.n_layers, topts)
     # the run is identified by the model, the calibration tokens and the options
