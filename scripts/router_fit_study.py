@@ -22,27 +22,18 @@ oracle's routed output energy (sum of squared norms) the chosen experts carry. V
 """
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from router_study_setup import CALIB_SAMPLES, CALIB_SEQLEN, convert_finegrained, load_study, study_parser
 
-from gguf_moeify.bundled import DEFAULT_CALIB, EVAL_EXCERPT, NONFICTION_EXCERPT  # noqa: E402
-from gguf_moeify.calibration import calib_tokens  # noqa: E402
-from gguf_moeify.convert import make_plans, open_model  # noqa: E402
-from gguf_moeify.eval_cmd import add_bos_of  # noqa: E402
-from gguf_moeify.evaluate import perplexity, read_text, tokenize_for_ppl, windows  # noqa: E402
-from gguf_moeify.linalg import ridge_least_squares  # noqa: E402
-from gguf_moeify.methods import MethodOptions  # noqa: E402
-from gguf_moeify.moe_torch import MoEMLP  # noqa: E402
-from gguf_moeify.reference import load_dense, logits_fn, moeify_  # noqa: E402
-from gguf_moeify.routers import log_norm_targets  # noqa: E402
-from gguf_moeify.sizing import expert_layout  # noqa: E402
+from gguf_moeify.bundled import DEFAULT_CALIB
+from gguf_moeify.calibration import calib_tokens
+from gguf_moeify.evaluate import perplexity, windows
+from gguf_moeify.linalg import ridge_least_squares
+from gguf_moeify.moe_torch import MoEMLP
+from gguf_moeify.reference import logits_fn
+from gguf_moeify.routers import log_norm_targets
 
 
 def capture_inputs(model, mlps: list[MoEMLP], batches: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -90,29 +81,16 @@ def agreement(scores: torch.Tensor, norms: torch.Tensor, k: int) -> tuple[float,
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model")
-    p.add_argument("--fraction", type=float, default=0.5)
-    p.add_argument("--texts", default=f"{EVAL_EXCERPT},{NONFICTION_EXCERPT}")
-    p.add_argument("--variants", default="ls,ridge=0.01,ridge=0.1,unit-x,bias,in-domain")
+    p = study_parser(__doc__)
+    p.add_argument("--variants", default="ls,ridge=0.01,ridge=0.1,unit-x,bias,in-domain",
+                   help="fits to compare (see above; default all)")
     p.add_argument("--layers", default=None, help="layers to score (default: every third)")
     p.add_argument("--ppl", default="", help="variants to score by perplexity with every layer's router replaced")
-    p.add_argument("--chunks", type=int, default=8)
-    p.add_argument("--ctx", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    ckpt, adapter = open_model(args.model, "float32")
-    model, tok = load_dense(ckpt)
-    bos = tok.bos_token_id if add_bos_of(tok) else None
-    texts = {Path(t).stem.replace("_excerpt", ""): tokenize_for_ppl(tok, read_text(t), bos is not None)
-             for t in args.texts.split(",")}
-    e, s, k = expert_layout("finegrained", ckpt.d_ff, args.fraction, None)
-    opts = MethodOptions(experts=e, shared=s, top_k=k, calib=DEFAULT_CALIB, calib_samples=32, calib_seqlen=512,
-                         seed=args.seed)
-    moeify_(model, adapter, make_plans(ckpt, adapter, "finegrained", opts))
-    mlps = [m for m in model.modules() if isinstance(m, MoEMLP)]
+    ckpt, adapter, model, bos, texts = load_study(args)
+    mlps, (e, s, k) = convert_finegrained(model, ckpt, adapter, args)
     layers = [int(v) for v in args.layers.split(",")] if args.layers else list(range(0, len(mlps), 3))
-    calib = calib_tokens(ckpt, DEFAULT_CALIB, 32, 512, args.seed)
+    calib = calib_tokens(ckpt, DEFAULT_CALIB, CALIB_SAMPLES, CALIB_SEQLEN, args.seed)
     x_cal = capture_inputs(model, mlps, list(calib.split(4)))
     x_txt = {name: capture_inputs(model, mlps, [torch.tensor([w]) for w in windows(ids, args.ctx, args.chunks, bos)])
              for name, ids in texts.items()}

@@ -13,24 +13,15 @@ oracle, and each router's multiply-adds per token next to the layer's active MLP
 """
 from __future__ import annotations
 
-import argparse
-import sys
 import types
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from router_study_setup import convert_finegrained, load_study, study_parser
 
-from gguf_moeify.bundled import DEFAULT_CALIB, EVAL_EXCERPT, NONFICTION_EXCERPT  # noqa: E402
-from gguf_moeify.convert import make_plans, open_model  # noqa: E402
-from gguf_moeify.eval_cmd import add_bos_of  # noqa: E402
-from gguf_moeify.evaluate import perplexity, read_text, tokenize_for_ppl  # noqa: E402
-from gguf_moeify.methods import MethodOptions  # noqa: E402
-from gguf_moeify.moe_torch import MoEMLP  # noqa: E402
-from gguf_moeify.reference import load_dense, logits_fn, moeify_  # noqa: E402
-from gguf_moeify.sizing import expert_layout  # noqa: E402
+from gguf_moeify.evaluate import perplexity
+from gguf_moeify.moe_torch import MoEMLP
+from gguf_moeify.reference import logits_fn
 
 
 def low_rank(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,37 +44,24 @@ def low_rank_scores(mlp: MoEMLP, rank: int):
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model")
-    p.add_argument("--fraction", type=float, default=0.5)
-    p.add_argument("--ranks", default="32,64,128")
-    p.add_argument("--texts", default=f"{EVAL_EXCERPT},{NONFICTION_EXCERPT}")
-    p.add_argument("--chunks", type=int, default=8)
-    p.add_argument("--ctx", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
+    p = study_parser(__doc__)
+    p.add_argument("--ranks", default="32,64,128", help="ranks of the gate/up approximations (default 32,64,128)")
     args = p.parse_args()
-    ckpt, adapter = open_model(args.model, "float32")
-    model, tok = load_dense(ckpt)
-    bos = tok.bos_token_id if add_bos_of(tok) else None
-    texts = {Path(t).stem: tokenize_for_ppl(tok, read_text(t), bos is not None) for t in args.texts.split(",")}
+    ckpt, adapter, model, bos, texts = load_study(args)
 
     def ppl() -> dict[str, float]:
         return {name: perplexity(logits_fn(model), ids, args.ctx, args.chunks, bos, name).ppl
                 for name, ids in texts.items()}
     dense = ppl()
-    e, s, k = expert_layout("finegrained", ckpt.d_ff, args.fraction, None)
-    opts = MethodOptions(experts=e, shared=s, top_k=k, calib=DEFAULT_CALIB, calib_samples=32, calib_seqlen=512,
-                         seed=args.seed)
-    moeify_(model, adapter, make_plans(ckpt, adapter, "finegrained", opts))
-    mlps = [m for m in model.modules() if isinstance(m, MoEMLP)]
-    width, d = mlps[0].gate_exps.shape[1:]
+    mlps, (e, s, k) = convert_finegrained(model, ckpt, adapter, args)
+    routed, width, d = mlps[0].gate_exps.shape
     active = 3 * d * (mlps[0].plan.shared_width + k * width)
-    rows = {"dense": (dense, 0), f"linear router (S{s}A{k}E{e})": (ppl(), e * d)}
+    rows = {"dense": (dense, 0), f"linear router (S{s}A{k}E{e})": (ppl(), routed * d)}
     linear = {m: m.scores for m in mlps}
     for rank in (int(r) for r in args.ranks.split(",")):
         for m in mlps:
             m.scores = types.MethodType(low_rank_scores(m, rank), m)
-        rows[f"rank-{rank} gate/up router"] = (ppl(), 2 * rank * (d + e * width) + e * width)
+        rows[f"rank-{rank} gate/up router"] = (ppl(), 2 * rank * (d + routed * width) + routed * width)
     for m in mlps:
         m.scores, m.oracle = linear[m], True
     rows["expert oracle"] = (ppl(), 0)
