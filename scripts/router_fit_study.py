@@ -15,8 +15,8 @@ oracle's routed output energy (sum of squared norms) the chosen experts carry. V
 - ``unit-x``: fitted on x / ||x|| (the ranking of a token's scores does not change with the scale of x, so the file
   can use the result as is; the fit stops weighting large-norm tokens more);
 - ``bias``: with a per-expert bias (the file's selection bias, ``exp_probs_b``, adds one before the top-k);
-- ``in-domain``: fitted on the first half of the text's own inputs, scored on the second half (the ceiling of a
-  linear router that saw that kind of text).
+- ``in-domain``: fitted on the first half of the text's own inputs, scored on the second half (a linear router
+  that saw that kind of text, from as many tokens as the text's windows give).
 
 ``--ppl`` then sets every layer's router to the named variants in turn and prints the perplexity of each text.
 """
@@ -25,15 +25,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from router_study_setup import CALIB_SAMPLES, CALIB_SEQLEN, convert_finegrained, load_study, study_parser
+from router_study_setup import convert_finegrained, load_study, study_parser
 
-from gguf_moeify.bundled import DEFAULT_CALIB
 from gguf_moeify.calibration import calib_tokens
 from gguf_moeify.evaluate import perplexity, windows
 from gguf_moeify.linalg import ridge_least_squares
+from gguf_moeify.methods.finegrained import recall_at_k
 from gguf_moeify.moe_torch import MoEMLP
 from gguf_moeify.reference import logits_fn
-from gguf_moeify.routers import log_norm_targets
+from gguf_moeify.routers import fit_linear_router, log_norm_targets
 
 
 def capture_inputs(model, mlps: list[MoEMLP], batches: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -53,9 +53,9 @@ def capture_inputs(model, mlps: list[MoEMLP], batches: list[torch.Tensor]) -> li
 
 def fit(variant: str, x: torch.Tensor, norms: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
     """(weight (E, d), bias (E,) or None) of a linear router fitted on (x, norms) as ``variant`` says."""
-    y = log_norm_targets(norms)
     if variant in ("ls", "in-domain"):
-        return ridge_least_squares(x, y), None
+        return fit_linear_router(x, norms), None
+    y = log_norm_targets(norms)
     if variant.startswith("ridge="):
         return ridge_least_squares(x, y, float(variant.split("=")[1])), None
     if variant == "unit-x":
@@ -75,9 +75,8 @@ def agreement(scores: torch.Tensor, norms: torch.Tensor, k: int) -> tuple[float,
     """(recall@k against the oracle, share of the oracle's routed energy the chosen experts carry)."""
     pick = torch.topk(scores, k, dim=1).indices
     best = torch.topk(norms, k, dim=1).indices
-    recall = (torch.zeros_like(norms).scatter_(1, pick, 1) * torch.zeros_like(norms).scatter_(1, best, 1)).sum(1)
     energy = norms.double() ** 2
-    return float(recall.mean() / k), float(energy.gather(1, pick).sum() / energy.gather(1, best).sum())
+    return recall_at_k(scores, norms, k), float(energy.gather(1, pick).sum() / energy.gather(1, best).sum())
 
 
 def main() -> int:
@@ -88,9 +87,9 @@ def main() -> int:
     p.add_argument("--ppl", default="", help="variants to score by perplexity with every layer's router replaced")
     args = p.parse_args()
     ckpt, adapter, model, bos, texts = load_study(args)
-    mlps, (e, s, k) = convert_finegrained(model, ckpt, adapter, args)
+    mlps, (e, s, k), opts = convert_finegrained(model, ckpt, adapter, args)
     layers = [int(v) for v in args.layers.split(",")] if args.layers else list(range(0, len(mlps), 3))
-    calib = calib_tokens(ckpt, DEFAULT_CALIB, CALIB_SAMPLES, CALIB_SEQLEN, args.seed)
+    calib = calib_tokens(ckpt, opts.calib, opts.calib_samples, opts.calib_seqlen, opts.seed)
     x_cal = capture_inputs(model, mlps, list(calib.split(4)))
     x_txt = {name: capture_inputs(model, mlps, [torch.tensor([w]) for w in windows(ids, args.ctx, args.chunks, bos)])
              for name, ids in texts.items()}

@@ -53,7 +53,7 @@ def main() -> int:
         return {name: perplexity(logits_fn(model), ids, args.ctx, args.chunks, bos, name).ppl
                 for name, ids in texts.items()}
     dense = ppl()
-    mlps, (e, s, k) = convert_finegrained(model, ckpt, adapter, args)
+    mlps, (e, s, k), _ = convert_finegrained(model, ckpt, adapter, args)
     routed, width, d = mlps[0].gate_exps.shape
     active = 3 * d * (mlps[0].plan.shared_width + k * width)
     rows = {"dense": (dense, 0), f"linear router (S{s}A{k}E{e})": (ppl(), routed * d)}

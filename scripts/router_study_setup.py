@@ -18,7 +18,6 @@ from gguf_moeify.moe_torch import MoEMLP  # noqa: E402
 from gguf_moeify.reference import load_dense, moeify_  # noqa: E402
 from gguf_moeify.sizing import expert_layout  # noqa: E402
 
-CALIB_SAMPLES, CALIB_SEQLEN = 32, 512   # the CLI's default calibration windows
 
 
 def study_parser(doc: str) -> argparse.ArgumentParser:
@@ -44,11 +43,10 @@ def load_study(args):
     return ckpt, adapter, model, bos, texts
 
 
-def convert_finegrained(model, ckpt, adapter, args) -> tuple[list[MoEMLP], tuple[int, int, int]]:
-    """Convert ``model`` in place (finegrained at ``args.fraction``, default calibration): its MoE layers and
-    (E, S, K)."""
+def convert_finegrained(model, ckpt, adapter, args) -> tuple[list[MoEMLP], tuple[int, int, int], MethodOptions]:
+    """Convert ``model`` in place (finegrained at ``args.fraction``, default calibration): its MoE layers,
+    (E, S, K) and the options used."""
     e, s, k = expert_layout("finegrained", ckpt.d_ff, args.fraction, None)
-    opts = MethodOptions(experts=e, shared=s, top_k=k, calib=DEFAULT_CALIB, calib_samples=CALIB_SAMPLES,
-                         calib_seqlen=CALIB_SEQLEN, seed=args.seed)
+    opts = MethodOptions(experts=e, shared=s, top_k=k, calib=DEFAULT_CALIB, seed=args.seed)   # default windows
     moeify_(model, adapter, make_plans(ckpt, adapter, "finegrained", opts))
-    return [m for m in model.modules() if isinstance(m, MoEMLP)], (e, s, k)
+    return [m for m in model.modules() if isinstance(m, MoEMLP)], (e, s, k), opts
