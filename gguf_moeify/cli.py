@@ -93,6 +93,9 @@ def _run(args) -> int:
             print(f"dense ppl {res['dense']['ppl']:.4f}   {args.method} ppl {res['moe']['ppl']:.4f}   "
                   f"ratio {res['ratio']:.5f}   active fraction {res['active_fraction']:.3f}   "
                   f"({res['moe']['n_chunks']} windows of {args.ctx}, {res['moe']['n_scored']} tokens scored)")
+            if "measured_active_fraction" in res:
+                print(f"per-token expert counts: {res['measured_active_fraction']:.3f} of the MLP active on this "
+                      f"text (calibrated to {res['active_fraction']:.3f})")
             if "stock_router_agreement" in res:
                 print(f"stock runtime: the stock router picks the original router's experts "
                       f"{res['stock_router_agreement']:.1%} of the time (held-out calibration tokens)")

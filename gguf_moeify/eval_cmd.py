@@ -5,6 +5,7 @@ from .convert import make_plans, open_model
 from .errors import UserError
 from .evaluate import perplexity, read_text, tokenize_for_ppl
 from .methods import MethodOptions
+from .moe_torch import experts_used_by_layer
 from .reference import load_dense, logits_fn, moeify_
 
 
@@ -33,6 +34,10 @@ def evaluate_model(model: str, text_file: str, method: str, opts: MethodOptions,
     active = sum(p.active_fraction() for p in plans) / len(plans)
     res = {"dense": dense.as_dict(), "moe": moe.as_dict(), "ratio": moe.ppl / dense.ppl,
            "active_fraction": active, "method": method, "plan": plans[0].summary()}
+    used = experts_used_by_layer(hf)
+    if used is not None:   # per-token counts: what the text actually used, next to the calibrated budget
+        res["measured_active_fraction"] = sum((p.shared_width + u * p.expert_width) / p.d_ff
+                                              for p, u in zip(plans, used)) / len(plans)
     if opts.runtime == "stock":  # how often stock's choice is the original router's (held-out calibration tokens)
         res["stock_router_agreement"] = sum(p.info["stock_router_agreement"] for p in plans) / len(plans)
     if finetune is not None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .gguf_keys import (ALWAYS_SELECTED_BIAS, ALWAYS_SELECTED_EXPERTS, ARCH, BLOCK_COUNT,  # noqa: F401
-                        EMBEDDING_LENGTH, EXPERT_COUNT, EXPERT_FEED_FORWARD_LENGTH, EXPERT_ROUTER_TYPE,
-                        EXPERT_SHARED_FEED_FORWARD_LENGTH, EXPERT_USED_COUNT, EXPERT_WEIGHTS_UNIT,
+                        EMBEDDING_LENGTH, EXPERT_COUNT, EXPERT_COUNT_PER_TOKEN, EXPERT_FEED_FORWARD_LENGTH,
+                        EXPERT_ROUTER_TYPE, EXPERT_SHARED_FEED_FORWARD_LENGTH, EXPERT_USED_COUNT, EXPERT_WEIGHTS_UNIT,
                         FEED_FORWARD_LENGTH, GATE_UP_EXPS, PROVENANCE, ROUTER_TENSOR_NAMES, SELECTION_BIAS,
                         expert_tensor_name)
 from .plan import LLAMA_MAX_EXPERTS, ROUTER_TYPE_IDS
@@ -102,6 +102,7 @@ def check_reader(reader) -> ContractReport:
     router_type = keys.scalar(EXPERT_ROUTER_TYPE, vt.UINT32, 0)
     unit = keys.scalar(EXPERT_WEIGHTS_UNIT, vt.BOOL, False)
     n_always = keys.scalar(ALWAYS_SELECTED_EXPERTS, vt.UINT32, 0)
+    per_token = keys.scalar(EXPERT_COUNT_PER_TOKEN, vt.BOOL, False)
     report.n_expert = n_expert
     if p:   # a key llama.cpp cannot read: it stops there, and the values above are defaults
         return report
@@ -111,6 +112,9 @@ def check_reader(reader) -> ContractReport:
                  f"({', '.join(f'{v} {k}' for k, v in ROUTER_TYPE_IDS.items())})")
     if unit and not n_expert:
         p.append(f"{keys.name(EXPERT_WEIGHTS_UNIT)} is true, but the file has no experts")
+    if per_token and not unit:
+        p.append(f"{keys.name(EXPERT_COUNT_PER_TOKEN)} is true, but {keys.name(EXPERT_WEIGHTS_UNIT)} is not: "
+                 "per-token counts leave experts out of a unit-weight sum")
     if arch not in PATCHED_ARCHS:
         report.notes.append(f"architecture {arch}: the expert keys are checked, the tensors only by llama.cpp")
         return report
@@ -130,7 +134,7 @@ def check_reader(reader) -> ContractReport:
     if p:   # tensor shapes follow from the keys: only meaningful once the keys hold
         return report
     d = keys.scalar(EMBEDDING_LENGTH, vt.UINT32, 0)
-    _check_tensors(reader, arch, n_layer, d, n_expert, widths, shared, router_type, n_always, p)
+    _check_tensors(reader, arch, n_layer, d, n_expert, widths, shared, router_type, n_always, per_token, p)
     return report
 
 
@@ -161,7 +165,7 @@ def _is_moe_tensor(name: str) -> bool:
                                         kind == "exp_probs_b")
 
 
-def _check_tensors(reader, arch, n_layer, d, n_expert, widths, shared, router_type, n_always, p) -> None:
+def _check_tensors(reader, arch, n_layer, d, n_expert, widths, shared, router_type, n_always, per_token, p) -> None:
     """Each layer's MoE tensors: present, with the shapes the keys imply, and no others (llama.cpp refuses a file
     with tensors it does not read). Shapes in ggml order."""
     import gguf
@@ -198,9 +202,10 @@ def _check_tensors(reader, arch, n_layer, d, n_expert, widths, shared, router_ty
             for name in names.values():
                 need(blk + name, (d, E))
         bias_name = blk + SELECTION_BIAS
-        if not need(bias_name, (E,), required=False, bias=True) and n_always:
-            p.append(f"tensor {bias_name} missing, but {ALWAYS_SELECTED_EXPERTS} = {n_always} declares "
-                     "always-selected experts")
+        if not need(bias_name, (E,), required=False, bias=True) and (n_always or per_token):
+            why = (f"{ALWAYS_SELECTED_EXPERTS} = {n_always} declares always-selected experts" if n_always else
+                   f"{EXPERT_COUNT_PER_TOKEN.format(arch=arch)} thresholds the biased scores")
+            p.append(f"tensor {bias_name} missing, but {why}")
         elif n_always and bias_name in tensors and tensors[bias_name].tensor_type == f32:
             values = tensors[bias_name].data[:n_always]
             if values.shape == (n_always,) and not (values >= ALWAYS_SELECTED_BIAS).all():

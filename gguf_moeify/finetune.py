@@ -205,6 +205,9 @@ def train_lora(model, layer_modules: list[nn.Module], train: torch.Tensor, held:
     if opts.router == "refit" and any(m.router_kind != "linear" for m in moes):
         raise UserError("--finetune-router refit re-fits linear routers only (finegrained's default); this plan's "
                         "router is not linear")
+    if opts.router != "frozen" and any(m.plan.per_token_count for m in moes):
+        raise UserError(f"--finetune-router {opts.router} does not train or refit per-token expert counts' "
+                        "thresholds; use --finetune-router frozen with --expert-counts per-token")
     train_loss = _kd_loss if opts.loss == "kd" else _loss
     params = attach_lora(model, layer_modules, opts)
     initial = [p.detach().clone() for p in params]

@@ -22,6 +22,9 @@ EXPERT_SHARED_COUNT = _LLM.EXPERT_SHARED_COUNT
 # this project's keys
 EXPERT_ROUTER_TYPE = "{arch}.expert_router_type"          # patch 0003: ROUTER_TYPE_IDS
 EXPERT_WEIGHTS_UNIT = "{arch}.expert_weights_unit"        # patch 0001: chosen experts summed with weight 1
+# patch 0018: a chosen expert whose biased selection score is not above 0 is left out: expert_used_count is then
+# the most experts a token uses
+EXPERT_COUNT_PER_TOKEN = "{arch}.expert_count_per_token"
 ALWAYS_SELECTED_EXPERTS = "gguf_moeify.always_selected_experts"   # checked by the loader since patch 0016
 PROVENANCE = "gguf_moeify.provenance"                     # JSON: tool, version, source model, method, options
 PLAN = "gguf_moeify.plan"                                 # JSON: every layer's plan summary
@@ -36,7 +39,7 @@ EXPERT_TENSORS = {"gate_exps": _base(_T.FFN_GATE_EXP), "up_exps": _base(_T.FFN_U
                   "down_exps": _base(_T.FFN_DOWN_EXP), "gate_shexp": _base(_T.FFN_GATE_SHEXP),
                   "up_shexp": _base(_T.FFN_UP_SHEXP), "down_shexp": _base(_T.FFN_DOWN_SHEXP)}
 ROUTER_INPUT = _base(_T.FFN_GATE_INP)
-SELECTION_BIAS = _base(_T.FFN_EXP_PROBS_B) + ".bias"      # patch 0013: always-selected experts
+SELECTION_BIAS = _base(_T.FFN_EXP_PROBS_B) + ".bias"      # patch 0013: always-selected experts; 0018: thresholds
 # router tensors of each router kind (this project's names beside ffn_gate_inp: patch 0003)
 ROUTER_TENSOR_NAMES = {
     "linear": {"weight": ROUTER_INPUT + ".weight"},

@@ -177,8 +177,9 @@ class TensorPlanner:
                 qtype = self.T.F16 if plan.router.dtype == "f16" and arr.ndim == 2 else self.T.F32
                 out.append(Entry(f"blk.{i}.{gg}", arr.shape, qtype, (lambda a: lambda: a)(arr)))
             d, n_exp, n_sh = ck.n_embd, plan.n_experts + self.n_shared_exps, self.n_shared_exps
-            if n_sh:
-                bias = np.concatenate([np.full(n_sh, ALWAYS_SELECTED_BIAS), np.zeros(plan.n_experts, np.float32)])
+            if n_sh or plan.selection_bias is not None:   # always-selected experts first, then the routed ones'
+                routed = plan.selection_bias if plan.selection_bias is not None else np.zeros(plan.n_experts)
+                bias = np.concatenate([np.full(n_sh, ALWAYS_SELECTED_BIAS), routed]).astype(np.float32)
                 out.append(Entry(f"blk.{i}.{SELECTION_BIAS}", bias.shape, self.T.F32, (lambda a: lambda: a)(bias)))
             if self.merge_gate_up:
                 name, shape = f"blk.{i}.{GATE_UP_EXPS}.weight", (n_exp, 2 * plan.expert_width, d)

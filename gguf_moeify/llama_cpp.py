@@ -73,6 +73,10 @@ class PerplexityResult:
     nll_sum: float | None = None   # torch reference: summed negative log-likelihood of the scored tokens
     n_scored: int | None = None    # torch reference: tokens scored
     ctx: int | None = None         # torch reference: window length
+    # per-token expert counts (llama-perplexity with expert_stats): expert slots used per token in each MoE layer
+    # on this text, always-selected experts included (the last layer counts only the rows whose logits were
+    # computed); None for fixed counts
+    experts_used: list[float] | None = None
 
     def as_dict(self) -> dict:
         return {"ppl": self.ppl, "n_scored": self.n_scored, "n_chunks": self.n_chunks, "ctx": self.ctx}
@@ -89,6 +93,20 @@ class KLDivergenceResult:
     ppl_base: float | None  # Mean PPL(base)
     chunk_ppls: list[float] = field(default_factory=list)
     raw_output: str = ""
+    experts_used: list[float] | None = None   # as PerplexityResult's
+
+
+# patched llama-perplexity with GGUF_MOEIFY_EXPERT_STATS set (patch 0018), for files with per-token expert counts
+EXPERT_STATS_ENV = "GGUF_MOEIFY_EXPERT_STATS"
+_EXPERT_USE_RE = re.compile(r"gguf_moeify expert use: (" + _NUM + r") of (" + _NUM + r") expert slots used per "
+                            r"token and MoE layer \(mean of the layers\), over (\d+) rows; by layer:([^\n]*)")
+
+
+def parse_expert_use(text: str) -> list[float] | None:
+    """Expert slots used per token in each MoE layer, from the patched llama-perplexity's expert-use line; None
+    when it counted nothing (a file with fixed counts)."""
+    m = _EXPERT_USE_RE.search(text)
+    return [_float(v) for v in m.group(4).split()] if m and int(m.group(3)) > 0 else None
 
 
 def _float(s: str) -> float:
@@ -186,15 +204,17 @@ class LlamaCppTools:
         """Run a tool; on failure raise UserError with the last lines of its stderr."""
         return self._run(name, args)[0]
 
-    def _run(self, name: str, args: Sequence[str | os.PathLike],
-             peak_rss: bool = False) -> tuple[subprocess.CompletedProcess, float | None]:
-        """``run``, and with ``peak_rss`` the tool's peak resident memory in MiB (Linux: max RSS of its process)."""
+    def _run(self, name: str, args: Sequence[str | os.PathLike], peak_rss: bool = False,
+             env: dict | None = None) -> tuple[subprocess.CompletedProcess, float | None]:
+        """``run``, and with ``peak_rss`` the tool's peak resident memory in MiB (Linux: max RSS of its process);
+        ``env``: variables added to the tool's environment."""
         cmd = [*self.runner, str(self.tool(name))] + [str(a) for a in args]
         # stdout/stderr go to files, not pipes: an unpatched llama.cpp loses more of its async log on pipes
         with tempfile.TemporaryFile("w+b") as out, tempfile.TemporaryFile("w+b") as err, \
                 tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
             launch = [sys.executable, "-S", "-c", _RSS_HELPER, rss.name] + cmd if peak_rss else cmd
-            child = subprocess.Popen(launch, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+            child = subprocess.Popen(launch, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                     env={**os.environ, **env} if env else None)
             try:
                 rc = child.wait(timeout=self.timeout)
             except BaseException as e:   # the timeout, Ctrl-C, SIGTERM: the tool ends too
@@ -217,6 +237,9 @@ class LlamaCppTools:
         return proc, rss_mib
 
     # ---- llama-perplexity
+    def _ppl_run(self, args: list[str], expert_stats: bool) -> subprocess.CompletedProcess:
+        return self._run("llama-perplexity", args, env={EXPERT_STATS_ENV: "1"} if expert_stats else None)[0]
+
     def _ppl_args(self, model, ctx, chunks, threads, batch) -> list[str]:
         args = ["-m", str(model), "-c", str(ctx), "-t", str(threads or _default_threads()),
                 "-b", str(batch or ctx), "-ub", str(batch or ctx), "-fit", "off", "-ngl", str(self.ngl)]
@@ -226,10 +249,11 @@ class LlamaCppTools:
 
     def perplexity(self, model, text_file, ctx: int = 512, chunks: int | None = None, threads: int | None = None,
                    batch: int | None = None, extra: Sequence[str] = (),
-                   save_logits: str | os.PathLike | None = None) -> PerplexityResult:
+                   save_logits: str | os.PathLike | None = None, expert_stats: bool = False) -> PerplexityResult:
         """Perplexity of ``model`` on ``text_file`` in windows of ``ctx`` tokens (llama.cpp scores the second half
         of each window). ``save_logits``: also write the logits there (``--kl-divergence-base``) for a later
-        ``kl_divergence`` run. The text must hold at least 2*ctx tokens."""
+        ``kl_divergence`` run. ``expert_stats`` (patched build): also count the experts each token used
+        (``experts_used``; slower). The text must hold at least 2*ctx tokens."""
         args = self._ppl_args(model, ctx, chunks, threads, batch) + ["-f", str(text_file)]
         if save_logits is not None:
             args += ["--kl-divergence-base", str(save_logits)]
@@ -237,7 +261,7 @@ class LlamaCppTools:
         # chunk, the final estimate; at times everything after the start-up lines) are lost at exit (patch 0004
         # fixes that). Retry when they are.
         for attempt in range(self.retries):
-            proc = self.run("llama-perplexity", args + list(extra))
+            proc = self._ppl_run(args + list(extra), expert_stats)
             try:
                 result = parse_perplexity_output(proc.stdout, proc.stderr)
             except UserError:   # not one chunk in the log
@@ -246,21 +270,23 @@ class LlamaCppTools:
                 continue
             expected = _expected_chunks(proc.stderr)
             if expected is None or result.n_chunks >= expected:
+                result.experts_used = parse_expert_use(proc.stdout + proc.stderr)
                 return result
         raise UserError(f"llama-perplexity printed {result.n_chunks} of {expected} chunks {self.retries} times "
                         f"(its log lost the last lines; the patched build fixes that: {BUILD_SCRIPT})")
 
     def kl_divergence(self, model, base_logits, ctx: int = 512, chunks: int | None = None,
                       threads: int | None = None, batch: int | None = None,
-                      extra: Sequence[str] = ()) -> KLDivergenceResult:
+                      extra: Sequence[str] = (), expert_stats: bool = False) -> KLDivergenceResult:
         """KL divergence of ``model`` against logits saved by ``perplexity(base_model, ..., save_logits=...)``
-        (same ctx; the tokens come from the saved file)."""
+        (same ctx; the tokens come from the saved file). ``expert_stats``: as ``perplexity``'s."""
         args = self._ppl_args(model, ctx, chunks, threads, batch)
         args += ["--kl-divergence-base", str(base_logits), "--kl-divergence"]
         for attempt in range(self.retries):  # see perplexity(): the statistics at the end can be lost
-            proc = self.run("llama-perplexity", args + list(extra))
+            proc = self._ppl_run(args + list(extra), expert_stats)
             try:
                 result = parse_kl_divergence_output(proc.stdout, proc.stderr)
+                result.experts_used = parse_expert_use(proc.stdout + proc.stderr)
                 break
             except UserError:
                 if attempt == self.retries - 1:

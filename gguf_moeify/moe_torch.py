@@ -1,7 +1,8 @@
 """The torch MoE MLP built from a MoEPlan: exactly the math the patched llama.cpp graph computes.
 
-scores = router(x); the top_k experts by score are chosen; their SwiGLU outputs are summed with weight 1;
-the shared expert (if any) is always added with weight 1.
+scores = router(x) (+ the plan's selection bias); the top_k experts by score are chosen; their SwiGLU outputs are
+summed with weight 1; the shared expert (if any) is always added with weight 1. With per-token counts a chosen
+expert whose biased score is not above 0 is left out (weight 0), so a token uses anything from 0 to top_k.
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ class MoEMLP(nn.Module):
         # keeps each neuron once)
         self.teacher = False
         self.router_fit_loss: torch.Tensor | None = None   # set by each straight-through forward (see there)
+        # per-token counts: routed experts used and rows routed since construction (``mean_experts_used``)
+        self.experts_used, self.rows_routed = 0.0, 0
 
     def weight(self, name: str) -> torch.Tensor:
         """An expert tensor as the forward pass uses it: the buffer plus its fine-tuning update, if any."""
@@ -119,10 +122,18 @@ class MoEMLP(nn.Module):
     def select_weighted(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(chosen expert indices (T, top_k), their weights (T, top_k), or None for unit weights)."""
         if self.oracle:  # unit weights (a stock plan's folded expert scale undone)
-            chosen = torch.topk(self._expert_norms(x), self.top_k, dim=-1).indices
+            chosen = torch.topk(self._expert_norms(x), self._oracle_k(), dim=-1).indices
             unfold = 1.0 / self.plan.expert_scale
             return chosen, None if unfold == 1.0 else torch.full(chosen.shape, unfold, dtype=x.dtype)
         scores = self.scores(x)
+        if self.plan.selection_bias is not None:   # the file's exp_probs_b, added before the top-k
+            scores = scores + torch.as_tensor(self.plan.selection_bias, dtype=scores.dtype)
+        if self.plan.per_token_count:   # the chosen experts scoring above 0, with weight 1; the others weight 0
+            top = torch.topk(scores, self.top_k, dim=-1)
+            used = top.values > 0
+            self.experts_used += float(used.sum())
+            self.rows_routed += x.shape[0]
+            return top.indices, used.to(x.dtype)
         if self.plan.gating == "unit":
             return torch.topk(scores, self.top_k, dim=-1).indices, None
         # stock llama.cpp: the top-k of the float32 softmax over all experts, weighted by it (renormalised)
@@ -133,6 +144,10 @@ class MoEMLP(nn.Module):
             w = w / w.sum(-1, keepdim=True).clamp(min=6.103515625e-5)
         return chosen, w.to(x.dtype)
 
+    def _oracle_k(self) -> int:
+        """Experts per token the oracles choose: the plan's (mean) count."""
+        return max(1, int(round(self.plan.mean_experts)))
+
     def _expert_norms(self, x: torch.Tensor) -> torch.Tensor:
         """(T, E) the L2 norm of every routed expert's output for every row of x: what the oracles rank by."""
         return torch.stack([self._expert(e, x).norm(dim=-1) for e in range(self.gate_exps.shape[0])], -1)
@@ -140,7 +155,7 @@ class MoEMLP(nn.Module):
     def _variable_oracle(self, x: torch.Tensor) -> torch.Tensor:
         """(T, E) bool: the T * top_k largest expert output norms of the call, wherever they fall."""
         norms = self._expert_norms(x)
-        keep = torch.topk(norms.reshape(-1), x.shape[0] * self.top_k).indices
+        keep = torch.topk(norms.reshape(-1), int(round(x.shape[0] * self.plan.mean_experts))).indices
         return torch.zeros(norms.numel(), dtype=torch.bool, device=x.device).scatter_(0, keep, True).view_as(norms)
 
     def _neuron_oracle(self, x: torch.Tensor, variable: bool = False) -> torch.Tensor:
@@ -153,7 +168,7 @@ class MoEMLP(nn.Module):
         if self.has_shared:
             gate, up = torch.cat([self.gate_shexp, gate]), torch.cat([self.up_shexp, up])
             down = torch.cat([self.down_shexp.t(), down])
-        n_active = min(self.plan.shared_width + self.top_k * self.plan.expert_width, gate.shape[0])
+        n_active = min(self.plan.shared_width + self._oracle_k() * self.plan.expert_width, gate.shape[0])
         h = self.act(x @ gate.t()) * (x @ up.t())
         importance = h.abs() * down.norm(dim=1)
         if variable:
@@ -191,7 +206,7 @@ class MoEMLP(nn.Module):
                 idx, weights = self.select_weighted(x)
                 gates = torch.zeros(x.shape[0], n_exp, dtype=x.dtype, device=x.device)
                 gates.scatter_(1, idx, 1.0 if weights is None else weights)
-                chosen = torch.zeros(x.shape[0], n_exp, dtype=torch.bool, device=x.device).scatter_(1, idx, True)
+                chosen = gates != 0   # (per-token counts: the experts left out are not computed)
             for e in range(n_exp):
                 rows = chosen[:, e].nonzero().squeeze(-1)
                 if rows.numel():
@@ -200,6 +215,14 @@ class MoEMLP(nn.Module):
         if self.has_shared:
             out = out + (self.act(x @ w["gate_shexp"].t()) * (x @ w["up_shexp"].t())) @ w["down_shexp"].t()
         return out.reshape(shape)
+
+
+def experts_used_by_layer(model) -> list[float] | None:
+    """Routed experts a token used in each per-token-count layer, on average over everything the layer routed
+    since it was built (None without such layers): the measured counts, next to the file's maximum."""
+    moes = sorted((m for m in model.modules() if isinstance(m, MoEMLP) and m.plan.per_token_count),
+                  key=lambda m: m.plan.layer)
+    return [m.experts_used / max(1, m.rows_routed) for m in moes] or None
 
 
 def layer_plans(model) -> list[MoEPlan]:

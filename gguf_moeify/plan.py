@@ -74,6 +74,13 @@ class MoEPlan:
     gating: str = "unit"
     norm_weights: bool = False
     expert_scale: float = 1.0
+    # Per-token expert counts (patched runtime, patch 0018): ``selection_bias`` (E,) is added to the router scores
+    # before the top-k, and with ``per_token_count`` a token uses only the chosen experts whose biased score is
+    # above 0, so top_k is the most experts a token may use; ``mean_top_k``: the mean the threshold (folded into
+    # the bias) was set to on the calibration tokens, what the budget counts
+    selection_bias: np.ndarray | None = None
+    per_token_count: bool = False
+    mean_top_k: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "experts", np.asarray(self.experts, dtype=np.int64))
@@ -84,6 +91,15 @@ class MoEPlan:
             raise ValueError(f"unknown gating {self.gating}")
         if not 1 <= self.top_k <= self.n_experts:
             raise ValueError(f"top_k={self.top_k} must be in 1..{self.n_experts}")
+        if self.selection_bias is not None:
+            object.__setattr__(self, "selection_bias", np.asarray(self.selection_bias, dtype=np.float32))
+            if self.selection_bias.shape != (self.n_experts,):
+                raise ValueError(f"selection_bias must have one value per expert ({self.n_experts})")
+        if self.per_token_count and (self.gating != "unit" or self.selection_bias is None
+                                     or self.router.kind != "linear"):
+            raise ValueError("per-token expert counts need unit gating, a linear router and a selection bias")
+        if self.mean_top_k is not None and not 0 < self.mean_top_k <= self.top_k:
+            raise ValueError(f"mean_top_k={self.mean_top_k} must be in (0, top_k={self.top_k}]")
         used = np.concatenate([self.shared, self.experts[self.experts >= 0]])
         if used.size and (used.min() < 0 or used.max() >= self.d_ff):
             raise ValueError("neuron index out of range")
@@ -100,14 +116,21 @@ class MoEPlan:
     def shared_width(self) -> int:
         return int(self.shared.size)
 
+    @property
+    def mean_experts(self) -> float:
+        """Routed experts a token uses: top_k, or with per-token counts the mean they were calibrated to."""
+        return self.mean_top_k if self.per_token_count and self.mean_top_k is not None else float(self.top_k)
+
     def active_fraction(self) -> float:
-        """Fraction of the dense d_ff neurons computed per token (padding counts, as the runtime computes it)."""
-        return (self.shared_width + self.top_k * self.expert_width) / self.d_ff
+        """Fraction of the dense d_ff neurons computed per token (padding counts, as the runtime computes it; with
+        per-token counts, the calibrated mean)."""
+        return (self.shared_width + self.mean_experts * self.expert_width) / self.d_ff
 
     def summary(self) -> dict:
         gating = {} if self.gating == "unit" else {"gating": self.gating, "norm_weights": self.norm_weights,
                                                   "expert_scale": self.expert_scale}
-        return {"experts": self.n_experts, "expert_width": self.expert_width, "top_k": self.top_k,
+        counts = {} if not self.per_token_count else {"per_token_count": True, "mean_top_k": self.mean_top_k}
+        return {"experts": self.n_experts, "expert_width": self.expert_width, "top_k": self.top_k, **counts,
                 "shared_width": self.shared_width, "router": self.router.kind,
                 "active_fraction": round(self.active_fraction(), 6), **gating, **self.info}
 
@@ -142,6 +165,10 @@ class ModelPlan:
                 raise ValueError(f"plan {i} is for layer {p.layer}")
             if p.router.dtype != self.router_dtype:
                 raise ValueError(f"layer {i}: router dtype {p.router.dtype}, the file's is {self.router_dtype}")
+            if p.per_token_count != first.per_token_count:
+                raise ValueError(f"layer {i}: per-token expert counts in some layers only")
+            if p.per_token_count and stock:
+                raise ValueError(f"layer {i}: per-token expert counts need the patched runtime, not {self.target}")
             if (p.gating == "softmax") != stock:
                 raise ValueError(f"layer {i}: {p.gating} gating in a file for {self.target}")
             # llama.cpp reads one expert count, shared width and router kind per file; the expert width may differ

@@ -43,6 +43,29 @@ def fit_linear_router(x: torch.Tensor, norms: torch.Tensor) -> np.ndarray:
     return ridge_least_squares(x, log_norm_targets(norms))
 
 
+def fit_log_norm_router(x: torch.Tensor, norms: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(weight (E, d), bias (E,)): ridge least squares x W + b ≈ log norms, *not* standardised per token, so the
+    scores compare across tokens (a token whose MLP output matters more scores higher on every expert): what a
+    per-token expert count thresholds. The bias is the file's selection bias (exp_probs_b)."""
+    y = torch.log(norms.double().clamp_min(1e-12))
+    w = ridge_least_squares(torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1), y)
+    return np.ascontiguousarray(w[:, :-1]), np.ascontiguousarray(w[:, -1])
+
+
+def count_threshold(scores: torch.Tensor, mean_count: float, k_max: int) -> float:
+    """The threshold t such that choosing, per row, the scores above t (at most ``k_max`` of them) chooses
+    ``mean_count`` per row on average (bisection on t: the mean count falls as t rises)."""
+    top = torch.topk(scores.double(), k_max, dim=1).values
+    lo, hi = float(top.min()) - 1.0, float(top.max()) + 1.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if (top > mid).sum(1).double().mean() > mean_count:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
 def fit_linear_to_scores(x: torch.Tensor, scores: torch.Tensor) -> np.ndarray:
     """Ridge least squares x W ≈ scores: a linear router imitating a non-linear one (the stock form)."""
     return ridge_least_squares(x, scores)

@@ -226,10 +226,12 @@ def is_synthetic(path: str | os.PathLike) -> bool:
     return bool(f.contents()) if f is not None else False
 
 
-def bytes_per_token(path: str | os.PathLike) -> dict:
+def bytes_per_token(path: str | os.PathLike, used_slots: list[float] | None = None) -> dict:
     """Weight bytes one decoded token reads from ``path`` (any llama-style GGUF, MoE or dense): every layer tensor,
     routed experts scaled by K/E (the K chosen of E), one row of the token embedding, the output projection (the
-    embedding again when tied) and norms. KV-cache reads (grow with the context) are not counted."""
+    embedding again when tied) and norms. KV-cache reads (grow with the context) are not counted.
+    ``used_slots``: the expert slots a token used in each layer, measured (per-token expert counts: the patched
+    llama-perplexity's count), instead of the file's K."""
     import gguf
     r = gguf.GGUFReader(path)
     fields = r.fields
@@ -238,6 +240,8 @@ def bytes_per_token(path: str | os.PathLike) -> dict:
     k = fields.get(f"{arch}.expert_used_count")
     n_exp = int(e.contents()) if e is not None else 0
     used = k.contents() if k is not None else 0   # a per-layer list in files with per-layer budgets
+    if used_slots is not None:
+        used = list(used_slots)
     used_in = lambda name: used[int(name.split(".")[1])] if isinstance(used, list) else used  # noqa: E731
     parts = {"embedding_row": 0, "output": 0, "attention": 0, "router": 0, "experts_active": 0, "experts_all": 0,
              "dense_ffn": 0, "shared_expert": 0, "norms": 0}
@@ -252,7 +256,7 @@ def bytes_per_token(path: str | os.PathLike) -> dict:
             parts["output"] += nb
         elif "_exps." in name:
             parts["experts_all"] += nb
-            parts["experts_active"] += nb * int(used_in(name)) // max(n_exp, 1)
+            parts["experts_active"] += int(nb * used_in(name) / max(n_exp, 1))
         elif "_shexp." in name:
             parts["shared_expert"] += nb
         elif "ffn_gate_inp" in name or "ffn_up_inp" in name:
@@ -265,3 +269,26 @@ def bytes_per_token(path: str | os.PathLike) -> dict:
             parts["norms"] += nb
     total = sum(v for key, v in parts.items() if key != "experts_all")
     return {"total": total, "file_bytes": sum(names.values()), "experts": n_exp, "top_k": used, **parts}
+
+
+def measured_active_fraction(path: str | os.PathLike, used_slots: list[float]) -> float:
+    """Share of the dense MLP's neurons a token computed, averaged over layers, from the expert slots it used in
+    each layer (always-selected experts included) and the file's widths: (slots x F + Fs) / d_ff."""
+    import gguf
+    fields = gguf.GGUFReader(path).fields
+    arch = fields["general.architecture"].contents()
+    d_ff, width = fields[f"{arch}.feed_forward_length"].contents(), fields[f"{arch}.expert_feed_forward_length"]
+    shared = fields.get(f"{arch}.expert_shared_feed_forward_length")
+    fs = int(shared.contents()) if shared is not None else 0
+    per = lambda v, i: v[i] if isinstance(v, list) else v  # noqa: E731
+    widths, d_ffs = width.contents(), d_ff
+    return sum((u * per(widths, i) + fs) / per(d_ffs, i) for i, u in enumerate(used_slots)) / len(used_slots)
+
+
+def has_per_token_counts(path: str | os.PathLike) -> bool:
+    """Whether the file leaves out chosen experts that score below their threshold (patch 0018's key)."""
+    import gguf
+    from .gguf_keys import EXPERT_COUNT_PER_TOKEN
+    fields = gguf.GGUFReader(path).fields
+    key = fields.get(EXPERT_COUNT_PER_TOKEN.format(arch=fields["general.architecture"].contents()))
+    return bool(key is not None and key.contents())

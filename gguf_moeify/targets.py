@@ -11,8 +11,9 @@ hyper-parameter keys, and the expert tensor layout. One small class per target b
 """
 from __future__ import annotations
 
-from .gguf_keys import (ALWAYS_SELECTED_EXPERTS, EXPERT_FEED_FORWARD_LENGTH, EXPERT_ROUTER_TYPE,
-                        EXPERT_SHARED_COUNT, EXPERT_USED_COUNT, EXPERT_WEIGHTS_UNIT, FEED_FORWARD_LENGTH)
+from .gguf_keys import (ALWAYS_SELECTED_EXPERTS, EXPERT_COUNT_PER_TOKEN, EXPERT_FEED_FORWARD_LENGTH,
+                        EXPERT_ROUTER_TYPE, EXPERT_SHARED_COUNT, EXPERT_USED_COUNT, EXPERT_WEIGHTS_UNIT,
+                        FEED_FORWARD_LENGTH)
 from .plan import ROUTER_TYPE_IDS, ModelPlan
 
 
@@ -68,6 +69,8 @@ class Patched(Target):
             writer.add_uint32(ALWAYS_SELECTED_EXPERTS, n_sh)
         writer.add_uint32(EXPERT_ROUTER_TYPE.format(arch=arch), ROUTER_TYPE_IDS[layers[0].router.kind])
         writer.add_bool(EXPERT_WEIGHTS_UNIT.format(arch=arch), True)
+        if layers[0].per_token_count:   # every layer or none (ModelPlan checks)
+            writer.add_bool(EXPERT_COUNT_PER_TOKEN.format(arch=arch), True)
 
 
 class StockLlama(Target):

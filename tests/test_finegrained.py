@@ -81,3 +81,53 @@ def test_default_shape_is_32_neuron_experts_within_llama_cpp_limit():
     opts = resolve_options("finegrained", MethodOptions(experts=None, shared=None), 1536)
     assert (opts.experts, opts.shared) == (48, 8)
     assert resolve_options("cmoe", MethodOptions(experts=None, shared=None), 1536).experts == 8
+
+
+def test_per_token_counts_spend_the_calibrated_mean_where_outputs_are_large():
+    """--expert-counts per-token: the file's top_k is the most a token uses, the threshold (folded into the
+    selection bias) gives the calibration tokens top-k experts on average, and tokens whose MLP output is larger
+    get more experts; the torch reference computes exactly the chosen experts' sum."""
+    gate, up, down, x = _layer(seed=2, T=4000)
+    x = x * torch.linspace(0.3, 3.0, x.shape[0]).unsqueeze(1)   # tokens of very different weight
+    opts = MethodOptions(experts=16, shared=2, top_k=4,
+                         own=FinegrainedOptions(expert_counts="per-token", max_experts=2.0))
+    plan = plan_layer(0, gate, up, down, opts, LayerCalib(x=x, act=F.silu))
+    assert plan.per_token_count and plan.top_k == 8 and plan.mean_top_k == 4.0
+    assert plan.selection_bias.shape == (14,)
+    assert plan.active_fraction() == pytest.approx((2 * 4 + 4 * 4) / 64)   # 16 experts of 4 neurons
+    moe = MoEMLP(plan, gate, up, down, F.silu)
+    idx, used = moe.select_weighted(x)
+    counts = used.sum(1)
+    assert counts.mean().item() == pytest.approx(4.0, abs=0.02)
+    assert plan.info["mean_experts_heldout"] == pytest.approx(4.0, abs=0.5)
+    assert counts.min() < 4 < counts.max() <= 8
+    assert counts[-1000:].mean() > 2 * counts[:1000].mean()   # the heavier tokens use more
+    # the used experts are those scoring above 0 after the bias, and the output sums exactly those
+    scores = x @ torch.as_tensor(plan.router.tensors["weight"]).t() + torch.as_tensor(plan.selection_bias)
+    assert torch.equal(used.bool(), scores.gather(1, idx) > 0)
+    h = F.silu(x @ gate.t()) * (x @ up.t())
+    keep = torch.zeros_like(h)
+    keep[:, torch.as_tensor(plan.shared)] = 1.0
+    for t in range(x.shape[0]):
+        for e in idx[t][used[t].bool()].tolist():
+            keep[t, torch.as_tensor(plan.experts[e])] = 1.0
+    ref = (h * keep) @ down.t()
+    assert (moe(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(router="mlp"), "needs --router linear"),
+    (dict(max_experts=0.5), "--max-experts must be"),
+])
+def test_per_token_counts_refuse_what_they_cannot_do(bad, message):
+    from gguf_moeify.bundled import DEFAULT_CALIB
+    from gguf_moeify.errors import UserError
+    from gguf_moeify.methods import finegrained
+    opts = MethodOptions(experts=16, shared=2, top_k=4, calib=DEFAULT_CALIB,
+                         own=FinegrainedOptions(expert_counts="per-token", **bad))
+    with pytest.raises(UserError, match=message):
+        finegrained.validate(opts, 64)
+    stock = MethodOptions(experts=16, shared=2, top_k=4, runtime="stock", calib=DEFAULT_CALIB,
+                          own=FinegrainedOptions(expert_counts="per-token"))
+    with pytest.raises(UserError, match="patched runtime"):
+        finegrained.validate(stock, 64)

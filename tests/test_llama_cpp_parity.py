@@ -29,6 +29,7 @@ from gguf_moeify.llama_cpp import read_saved_tokens, relative_difference
 from gguf_moeify.llama_cpp_source import llama_cpp_source
 from gguf_moeify.methods import FinegrainedOptions, MethodOptions
 from gguf_moeify.plan import ModelPlan, Router
+from gguf_moeify.moe_torch import experts_used_by_layer
 from gguf_moeify.reference import load_dense, logits_fn, moeify_
 
 from conftest import ARCHS, calib_text_path, eval_text_path
@@ -320,3 +321,45 @@ def test_real_model_half_active_writes_readable_text(tools, smollm2_dir, smollm2
     # 200 KB excerpt instead of the whole novel, with the exact transport assignment, the text scored 81.3: the
     # band is 120, still an order of magnitude below shuffled words, which is what separates readable from broken.
     assert ppl < 120 and ppl < 0.1 * ppl_shuffled
+
+
+@pytest.mark.parametrize("arch,layout", [("llama", "experts"), ("qwen3", "separate"), ("gemma3", "experts")])
+def test_per_token_counts_parity_with_torch_reference(tools, tiny_models, text_file, tmp_path, arch, layout):
+    """--expert-counts per-token (patch 0018): llama.cpp leaves out the chosen experts whose biased score is not
+    above 0, as the torch reference does: the same perplexity, and the same measured number of experts per token
+    (llama-perplexity counts the slots it used; always-selected experts are slots too), well below the file's
+    maximum; the same experts at a fixed count (what an unpatched graph computes) is a different function."""
+    ckpt = Checkpoint(tiny_models[arch])
+    adapter = adapter_for(ckpt.config)
+    opts = MethodOptions(experts=32, shared=4, top_k=6, calib=str(calib_text_path()), calib_samples=4,
+                         calib_seqlen=128, shared_layout=layout, own=FinegrainedOptions(expert_counts="per-token"))
+    plans = ModelPlan.build(make_plans(ckpt, adapter, "finegrained", opts, progress=False), shared_layout=layout)
+    assert all(p.per_token_count and p.top_k == 12 for p in plans)
+    out = tmp_path / "moe.gguf"
+    write_model_file(ckpt, adapter, plans, out, "f32", provenance(ckpt, "finegrained", opts, "f32", "float32"),
+                     progress=False)
+    fields = gguf.GGUFReader(out).fields
+    assert fields[f"{adapter.gguf_arch}.expert_count_per_token"].contents() is True
+    n_always = plans.n_shared_as_experts()
+    assert (n_always > 0) == (layout == "experts")
+    saved = tmp_path / "logits.bin"
+    cpp = tools.perplexity(out, text_file, ctx=CTX, chunks=CHUNKS, threads=2, save_logits=saved, extra=F32_KV,
+                           expert_stats=True)
+    _, tokens = read_saved_tokens(saved)
+    model, _ = load_dense(ckpt, tokenizer=False)
+    moeify_(model, adapter, plans)
+    ref = perplexity(logits_fn(model), tokens, CTX, CHUNKS, _bos_for(out))
+    used = experts_used_by_layer(model)
+    cpp_used = [u - n_always for u in cpp.experts_used]
+    print(f"{arch}/{layout}: torch {ref.ppl:.6f} llama.cpp {cpp.ppl:.6f}; experts used by layer: torch {used}, "
+          f"llama.cpp {cpp_used} (at most 12)")
+    assert relative_difference(ref.ppl, cpp.ppl) < 1e-3, (ref.ppl, cpp.ppl)
+    assert all(2 < u < 10 for u in used)
+    # layer 0 routes every row in both; llama.cpp's last layer routes only the rows whose logits are scored
+    assert cpp_used[0] == pytest.approx(used[0], abs=0.01)
+    assert len(cpp_used) == len(used) and all(0 < u <= 12 for u in cpp_used)
+    fixed = tmp_path / "fixed.gguf"
+    _write(tiny_models[arch], lambda c, a: [replace(p, per_token_count=False, selection_bias=None, mean_top_k=None)
+                                            for p in plans], fixed)
+    fixed_ppl = tools.perplexity(fixed, text_file, ctx=CTX, chunks=CHUNKS, threads=2, extra=F32_KV).ppl
+    assert abs(ref.ppl - cpp.ppl) < 0.1 * abs(fixed_ppl - cpp.ppl)

@@ -46,13 +46,23 @@ def markdown_table(rows: list[dict]) -> str:
         top1 = None if r.get("top1") is None else 100 * r["top1"]
         top1_err = None if r.get("top1_err") is None else 100 * r["top1_err"]
         lines.append(
-            f"| {r['label']} | {r['active_fraction']:.0%} | {r['outtype']} | {r['file_bytes'] / 2**20:.1f} "
+            f"| {r['label']} | {_active(r)} | {r['outtype']} | {r['file_bytes'] / 2**20:.1f} "
             f"| {_fmt(r.get('ppl'), '.3f')} | {_fmt(r.get('kld'), '.4f', r.get('kld_err'))} "
             f"| {_fmt(top1, '.1f', top1_err)}% | {_fmt(r['pp_ts'], '.1f', r['pp_ts_std'])} "
             f"| {_fmt(r['tg_ts'], '.1f', r['tg_ts_std'])} | {_fmt(r['tg_speedup'], '.2f')}x "
             f"| {_fmt(r['bw_limit_speedup'], '.2f')}x | {r['peak_rss_mib']:.0f} | {'**yes**' if front else ''} |")
+    note = ("\n\nactive: per-token expert counts show the share measured on the text (the calibrated one in "
+            "brackets); the bandwidth limit counts the measured experts." if any("measured_active_fraction" in r
+                                                                                 for r in rows) else "")
     return ("\n".join(lines) + "\n\nfrontier: no other model decodes at least as fast at no higher perplexity "
-            "(better in one).\n")
+            "(better in one)." + note + "\n")
+
+
+def _active(r: dict) -> str:
+    """The active share of a row: per-token expert counts give the measured one, with the calibrated in brackets."""
+    if "measured_active_fraction" in r:
+        return f"{r['measured_active_fraction']:.1%} ({r['active_fraction']:.0%})"
+    return f"{r['active_fraction']:.0%}"
 
 
 _COLORS = {"dense": "black", "mlpmoe": "tab:blue", "cmoe": "tab:orange", "moefication": "tab:green",

@@ -56,7 +56,7 @@ def model_rows(models: list[Config], args, work: Path, tools, threads: int, file
     """Per model: its file (written, or reused while the recipe matches; ``files`` converts MoE configurations),
     the bytes read per decoded token and, unless SYNTHETIC, perplexity, KLD and top-1 agreement against
     ``base_logits``."""
-    from ..synthetic import SHAPES, bytes_per_token
+    from ..synthetic import SHAPES, bytes_per_token, has_per_token_counts, measured_active_fraction
     synthetic = args.synthetic is not None
     rows: list[dict] = []
     for i, c in enumerate(models, start=1 if synthetic else 2):
@@ -82,9 +82,16 @@ def model_rows(models: list[Config], args, work: Path, tools, threads: int, file
         row.update(file_bytes=bpt["file_bytes"], bytes_per_token=bpt["total"], bytes_breakdown=bpt)
         if not synthetic:
             prog.step(i, c.label, "llama-perplexity --kl-divergence (perplexity, KLD, top-1)")
-            kl = tools.kl_divergence(path, base_logits, ctx=args.ctx, chunks=args.chunks, threads=threads)
+            per_token = has_per_token_counts(path)
+            kl = tools.kl_divergence(path, base_logits, ctx=args.ctx, chunks=args.chunks, threads=threads,
+                                     expert_stats=per_token)
             row.update(ppl=kl.ppl, kld=kl.mean_kld, kld_err=kl.mean_kld_err, top1=kl.same_top_p,
                        top1_err=kl.same_top_p_err)
+            if per_token and kl.experts_used:   # what the text used, not the file's most per token
+                measured = bytes_per_token(path, kl.experts_used)
+                row.update(bytes_per_token_max=row["bytes_per_token"], bytes_per_token=measured["total"],
+                           bytes_breakdown=measured, experts_used=kl.experts_used,
+                           measured_active_fraction=measured_active_fraction(path, kl.experts_used))
         row["protocol"] = protocol
         rows.append(row)
         prog.finish_model()

@@ -27,6 +27,10 @@ MLP inputs x (layer-sequential, like CMoE/MoEfication):
    mlp H=256 2.29x, mlp H=128 2.49x, mlp BCE on choices 2.65x the dense perplexity; the linear router is the
    default for its cost (2% of the active expert compute vs 11% for H=256).
    Router recall@k against the oracle on the held-out 10% of calibration tokens is recorded in the plan's info.
+   * ``--expert-counts per-token``: the linear router predicts the *raw* log norms, with a per-expert bias (the
+     file's selection bias), so its scores compare across tokens; a token uses the experts scoring above a
+     threshold (folded into the bias), at most ``--max-experts`` x top-k, the threshold set per layer so that the
+     calibration tokens use top-k experts on average. Tokens whose MLP output matters more get more experts.
 5. Gates exactly 1, as every seed method.
 
 Defaults: E = d_ff / 32 (``sizing.fine_experts``), S = E / 6, top-k: the number of routed experts bringing (S + k) / E
@@ -44,7 +48,8 @@ from ..timing import phase
 from .options import FinegrainedOptions, MethodOptions, check_common
 from ._balanced import balanced_kmeans, groups
 from ._spectral import coactivation_counts, spectral_embedding, top_marks
-from ..routers import fit_linear_router, log_norm_targets, router_scores, train_mlp_router
+from ..routers import (count_threshold, fit_linear_router, fit_log_norm_router, log_norm_targets, router_scores,
+                       train_mlp_router)
 
 NAME = "finegrained"
 OPTIONS = FinegrainedOptions
@@ -59,9 +64,20 @@ def validate(opts: MethodOptions, d_ff: int) -> None:
     from ..calibration import check_calib_options
     check_common(opts, d_ff)
     check_calib_options(opts, NAME)
-    hidden = opts.own_for(FinegrainedOptions).router_hidden
-    if not 1 <= hidden <= 65536:
-        raise UserError(f"--router-hidden must be between 1 and 65536, got {hidden}")
+    own = opts.own_for(FinegrainedOptions)
+    if not 1 <= own.router_hidden <= 65536:
+        raise UserError(f"--router-hidden must be between 1 and 65536, got {own.router_hidden}")
+    if own.expert_counts == "per-token":
+        if own.router != "linear":
+            raise UserError("--expert-counts per-token needs --router linear (its scores are thresholded)")
+        if opts.runtime != "patched":
+            raise UserError("--expert-counts per-token needs the patched runtime; unmodified llama.cpp uses a "
+                            "fixed number of experts per token (--runtime stock: --expert-counts fixed)")
+        if opts.layer_budget != "uniform":
+            raise UserError("--expert-counts per-token already spends the budget where it matters; it does not "
+                            "combine with --layer-budget sensitivity")
+        if not 1.0 <= own.max_experts <= 64.0:
+            raise UserError(f"--max-experts must be between 1 and 64, got {own.max_experts}")
 
 
 def default_top_k(opts: MethodOptions) -> int:
@@ -179,18 +195,42 @@ def plan_layer(layer: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Ten
     with phase("router"):
         norms = _norms_from_activations(h, down, experts)
         del h
-        router, info = _fit_router(x, norms, opts, top_k, stats.seed)
+        if own.expert_counts == "per-token":
+            router, counts, info = _fit_count_router(x, norms, top_k, min(k, round(own.max_experts * top_k)),
+                                                     stats.seed)
+        else:
+            (router, info), counts = _fit_router(x, norms, opts, top_k, stats.seed), {"top_k": top_k}
     info = {"stat": stat, "router": router_kind, "calib_tokens": int(x.shape[0]), "mark_fraction": round(q, 4),
             **info}
-    return MoEPlan(layer=layer, d_ff=d_ff, experts=experts, top_k=top_k, router=router, shared=shared, info=info)
+    return MoEPlan(layer=layer, d_ff=d_ff, experts=experts, router=router, shared=shared, info=info, **counts)
+
+
+def _heldout_split(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(held-out rows, training rows) of n calibration tokens: a seeded HELDOUT share held out."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_hold = max(1, int(round(HELDOUT * n)))
+    return perm[:n_hold], perm[n_hold:]
+
+
+def _fit_count_router(x, norms, mean_k: int, k_max: int, seed: int):
+    """Per-token counts: (the linear router on raw log norms, the plan's count fields, info). The threshold is set
+    on every calibration token; the held-out share reports recall@k at the mean count and the count it uses."""
+    hold, train = _heldout_split(x.shape[0], seed)
+    weight, bias = fit_log_norm_router(x[train], norms[train])
+    scores = x @ torch.as_tensor(weight).t() + torch.as_tensor(bias)
+    threshold = count_threshold(scores, mean_k, k_max)
+    held = torch.topk(scores[hold], k_max, dim=1).values > threshold
+    info = {"router_recall_at_k_heldout": round(recall_at_k(scores[hold], norms[hold], mean_k), 4),
+            "mean_experts_heldout": round(float(held.sum(1).double().mean()), 3)}
+    counts = {"top_k": k_max, "per_token_count": True, "mean_top_k": float(mean_k),
+              "selection_bias": (bias - threshold).astype(np.float32)}
+    return Router("linear", {"weight": weight}), counts, info
 
 
 def _fit_router(x, norms, opts, top_k, seed):
     """The router predicting the experts' output norms (``--router``), and its part of the plan's info: held-out
     recall@k against the oracle."""
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(x.shape[0], generator=gen)
-    hold = perm[:max(1, int(round(HELDOUT * x.shape[0])))]
+    hold, train = _heldout_split(x.shape[0], seed)
     info: dict = {}
     own = opts.own_for(FinegrainedOptions)
     if own.router == "mlp":
@@ -199,7 +239,6 @@ def _fit_router(x, norms, opts, top_k, seed):
         router = Router("mlp", train_mlp_router(x, target, seed=seed, hidden=hidden, loss=loss))
         info.update(router_hidden=hidden, router_loss=loss)
     else:
-        train = perm[len(hold):]
         router = Router("linear", {"weight": fit_linear_router(x[train], norms[train])})
     pred = router_scores(router.kind, {n: torch.as_tensor(t) for n, t in router.tensors.items()}, x[hold])
     info["router_recall_at_k_heldout"] = round(recall_at_k(pred, norms[hold], top_k), 4)

@@ -66,6 +66,13 @@ class FinegrainedOptions(_Checked):
                                 type=int)
     router_loss: str = option("mse", None, "MLP router: regress the norms (mse) or the oracle's top-k choices (bce)",
                               choices=("mse", "bce"))
+    expert_counts: str = option(
+        "fixed", "--expert-counts", "experts per token: the same top-k for every token (fixed), or per token "
+        "(per-token: the linear router predicts each expert's output norm, and a token uses the experts above a "
+        "threshold set per layer so the calibration tokens use top-k on average; patched runtime only)",
+        choices=("fixed", "per-token"))
+    max_experts: float = option(2.0, "--max-experts", "--expert-counts per-token: the most routed experts a token "
+                                "may use, as a multiple of the mean (top-k)", type=float, metavar="FACTOR")
 
 
 @dataclass(frozen=True)
