@@ -192,7 +192,7 @@ class MoEMLP(nn.Module):
             out = self._all_experts(x, w).sum(1) / self.plan.expert_scale
         elif self.router_trainable and self.plan.gating == "unit" and torch.is_grad_enabled():
             out = self._straight_through(x, w)
-        elif self.top_k == n_exp and self.plan.gating == "unit":
+        elif self.top_k == n_exp and self.plan.gating == "unit" and not self.plan.per_token_count:
             out = torch.zeros_like(x)
             for e in range(n_exp):
                 out += self._expert(e, x, w)

@@ -3,10 +3,12 @@ active fraction and evaluation text, in the torch reference.
 
     .venv/bin/python scripts/generalisation_table.py MODEL [--method finegrained] [--router linear]
         [--calibs 'generated;FILE;generated,bundled'] [--texts FILE,FILE] [--fractions 0.25,0.5,0.75]
-        [--chunks 8 --ctx 512] [--calib-samples 8 --calib-seqlen 512] [--finetune lm|kd] [--out out/generalisation]
+        [--chunks 8 --ctx 512] [--calib-samples 8 --calib-seqlen 512] [--finetune lm|kd]
+        [--expert-counts fixed|per-token] [--out out/generalisation]
 
 Each (calibration source, fraction) is converted once (E/S/K from ``--active``'s sizing for the model's d_ff) and
-scored on every text; the dense perplexity of each text is computed once. Results are appended to
+scored on every text; the dense perplexity of each text is computed once. With ``--expert-counts per-token`` each
+cell also gives the active fraction measured on that text (the calibrated one is the column's). Results are appended to
 ``OUT/generalisation.jsonl`` (cells already there are skipped) and the table goes to ``OUT/generalisation.md``.
 Defaults: calibration ``generated``, the bundled *Sense and Sensibility* excerpt, and both (half the windows
 each); evaluation on the bundled
@@ -29,6 +31,7 @@ from gguf_moeify.eval_cmd import add_bos_of  # noqa: E402
 from gguf_moeify.evaluate import perplexity, read_text, tokenize_for_ppl  # noqa: E402
 from gguf_moeify.finetune import LoRAOptions, finetune_lora  # noqa: E402
 from gguf_moeify.methods import FinegrainedOptions, MethodOptions  # noqa: E402
+from gguf_moeify.moe_torch import MoEMLP, experts_used_by_layer  # noqa: E402
 from gguf_moeify.reference import load_dense, logits_fn, moeify_  # noqa: E402
 from gguf_moeify.sizing import expert_layout  # noqa: E402
 
@@ -54,6 +57,7 @@ def main() -> int:
     p.add_argument("--calib-samples", type=int, default=8)
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--expert-counts", default="fixed", choices=("fixed", "per-token"), help="finegrained's")
     p.add_argument("--out", default="out/generalisation")
     args = p.parse_args()
     out = Path(args.out)
@@ -69,7 +73,8 @@ def main() -> int:
     for calib in args.calibs.split(";"):
         for f in (float(x) for x in args.fractions.split(",")):
             e, s, k = expert_layout(args.method, ckpt.d_ff, f, None)
-            own = FinegrainedOptions(router=args.router) if args.method == "finegrained" else None
+            own = FinegrainedOptions(router=args.router, expert_counts=args.expert_counts) \
+                if args.method == "finegrained" else None
             data = None if args.method == "mlpmoe" else calib   # mlpmoe (all active: the dense MLP) uses none
             opts = MethodOptions(experts=e, shared=s, top_k=k, calib=data, calib_samples=args.calib_samples,
                                  calib_seqlen=args.calib_seqlen, seed=args.seed, own=own)
@@ -85,11 +90,19 @@ def main() -> int:
                     dense[t] = perplexity(logits_fn(model), tokens[t], args.ctx, args.chunks, bos, "dense").ppl
             plans = make_plans(ckpt, adapter, args.method, opts)
             moeify_(model, adapter, plans)
-            rec = {"key": key, "calib": label(calib), "f": f, "sae": f"S{s}A{k}E{e}", "ppl": {}, "dense": {}}
+            name = label(calib) + (" per-token" if args.expert_counts == "per-token" else "")
+            rec = {"key": key, "calib": name, "f": f, "sae": f"S{s}A{k}E{e}", "ppl": {}, "dense": {}, "active": {}}
             for t in texts:
+                moes = [m for m in model.modules() if isinstance(m, MoEMLP)]
+                for m in moes:   # count each text's experts apart
+                    m.experts_used, m.rows_routed = 0.0, 0
                 rec["ppl"][label(t)] = perplexity(logits_fn(model), tokens[t], args.ctx, args.chunks, bos,
                                                   label(t)).ppl
                 rec["dense"][label(t)] = dense[t]
+                used = experts_used_by_layer(model)
+                if used is not None:
+                    rec["active"][label(t)] = sum((p.shared_width + u * p.expert_width) / p.d_ff
+                                                  for p, u in zip(plans, used)) / len(plans)
             if args.finetune:
                 lora = LoRAOptions(seed=args.seed, loss=args.finetune)
                 rec["finetune"] = {k: v for k, v in finetune_lora(model, ckpt, adapter, calib, lora).items()
@@ -102,7 +115,8 @@ def main() -> int:
                 fh.write(json.dumps(rec, sort_keys=True) + "\n")
             done[key] = rec
             print(rec["calib"], f, {t: f"{rec['ppl'][t]:.2f} ({rec['ppl'][t] / rec['dense'][t]:.2f}x)"
-                                    for t in rec["ppl"]}, f"[{rec['seconds']:.0f} s]", flush=True)
+                                    for t in rec["ppl"]}, {t: f"{a:.1%} active" for t, a in rec["active"].items()},
+                  f"[{rec['seconds']:.0f} s]", flush=True)
             if "tuned" in rec:
                 print("  after LoRA", {t: f"{v:.2f} ({v / rec['dense'][t]:.2f}x)" for t, v in rec["tuned"].items()},
                       flush=True)
@@ -118,14 +132,16 @@ def markdown(recs: list[dict]) -> str:
     lines = ["dense: " + ", ".join(f"{t} {recs[0]['dense'][t]:.3f}" for t in texts if t in recs[0]["dense"]), "",
              "| calibration | text | " + " | ".join(f"{f:.0%} active" for f in fractions) + " |",
              "|---|---|" + "---|" * len(fractions)]
-    by = {}
+    by, active = {}, {}
     for r in recs:
         by[r["calib"], r["f"]] = r["ppl"], r["dense"]
+        active[r["calib"], r["f"]] = r.get("active", {})
         if "tuned" in r:
             by[f"{r['calib']} + LoRA {r['finetune']['loss']}", r["f"]] = r["tuned"], r["dense"]
     for row in dict.fromkeys(name for name, _ in by):
         for t in texts:
-            cells = [f"{by[row, f][0][t]:.2f} ({by[row, f][0][t] / by[row, f][1][t]:.2f}x)"
+            cells = [f"{by[row, f][0][t]:.2f} ({by[row, f][0][t] / by[row, f][1][t]:.2f}x"
+                     + (f", {active[row, f][t]:.1%} active)" if t in active.get((row, f), {}) else ")")
                      if (row, f) in by and t in by[row, f][0] else "" for f in fractions]
             lines.append(f"| {row} | {t} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -173,6 +173,12 @@ MUTATIONS = [
     Mutation("expert_router_type removed (linear)", Q, keys={QA + "expert_router_type": None}, expect="same"),
     Mutation("expert_weights_unit as u32", Q, keys={QA + "expert_weights_unit": u32(1)}),
     Mutation("expert_weights_unit false", Q, keys={QA + "expert_weights_unit": (False, V.BOOL)}, expect="runs"),
+    # per-token expert counts (patch 0018)
+    Mutation("expert_count_per_token true (biases 0: thresholds at 0)", Q,
+             keys={QA + "expert_count_per_token": (True, V.BOOL)}, expect="runs"),
+    Mutation("expert_count_per_token as u32", Q, keys={QA + "expert_count_per_token": u32(1)}),
+    Mutation("expert_count_per_token without unit weights", Q, keys={QA + "expert_count_per_token": (True, V.BOOL),
+                                                                     QA + "expert_weights_unit": (False, V.BOOL)}),
     # expert tensors
     Mutation("blk.1.ffn_gate_inp removed", Q, tensors={"blk.1.ffn_gate_inp.weight": None}),
     Mutation("blk.0.ffn_down_exps removed", Q, tensors={"blk.0.ffn_down_exps.weight": None}),
@@ -214,6 +220,8 @@ MUTATIONS = [
     Mutation("expert_used_count 7 (all experts)", L, keys={LA + "expert_used_count": u32(7)}, expect="runs"),
     Mutation("expert_weights_unit removed (softmax weights)", L, keys={LA + "expert_weights_unit": None},
              expect="runs"),
+    Mutation("expert_count_per_token without exp_probs_b (the thresholds)", L,
+             keys={LA + "expert_count_per_token": (True, V.BOOL)}),
 ]
 
 
