@@ -60,6 +60,9 @@ def inspect_gguf(path: str) -> str:
     if val(ALWAYS_SELECTED_EXPERTS):
         lines.append(f"  the shared expert: the first {val(ALWAYS_SELECTED_EXPERTS)} experts, selected "
                      "for every token (exp_probs_b); counted in expert_count and expert_used_count")
+    if val(f"{arch}.expert_count_per_token"):
+        lines.append("  per-token expert counts: a token uses the chosen experts whose score + exp_probs_b is above "
+                     "0, so expert_used_count is the most it uses (the mean: bench, or eval's measured share)")
     if PROVENANCE in f:
         lines.append(_provenance_line(val(PROVENANCE)))
     problems = check_reader(reader).problems

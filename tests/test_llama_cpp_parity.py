@@ -363,3 +363,30 @@ def test_per_token_counts_parity_with_torch_reference(tools, tiny_models, text_f
                                             for p in plans], fixed)
     fixed_ppl = tools.perplexity(fixed, text_file, ctx=CTX, chunks=CHUNKS, threads=2, extra=F32_KV).ppl
     assert abs(ref.ppl - cpp.ppl) < 0.1 * abs(fixed_ppl - cpp.ppl)
+
+
+def test_per_token_counts_quantized_batched_and_decoded(tools, smollm2_dir, text_file, tmp_path):
+    """The slots a token leaves out repeat its first expert (patch 0018): the CPU's quantized MUL_MAT_ID paths
+    (repacked q4_0, q8_0; batched, decoded token by token, and without repacking: sgemm) take the repeated
+    experts (patch 0019; before, an assert or a heap overflow) and agree with each other and with the f32 file."""
+    from conftest import make_tiny_model
+    model_dir = make_tiny_model("llama", tmp_path / "m", smollm2_dir, intermediate_size=1024)   # 32-wide experts
+    ckpt = Checkpoint(model_dir)
+    adapter = adapter_for(ckpt.config)
+    opts = MethodOptions(experts=32, shared=4, top_k=6, calib=str(calib_text_path()), calib_samples=4,
+                         calib_seqlen=128, own=FinegrainedOptions(expert_counts="per-token"))
+    plans = ModelPlan.build(make_plans(ckpt, adapter, "finegrained", opts, progress=False))
+    got = {}
+    for outtype in ("f32", "q8_0", "q4_0"):
+        out = tmp_path / f"moe-{outtype}.gguf"
+        write_model_file(ckpt, adapter, plans, out, outtype, provenance(ckpt, "finegrained", opts, outtype, "float32"),
+                         progress=False)
+        for mode, extra in (("batched", []), ("decoded", ["-ub", "1"]), ("no-repack", ["--no-repack"])):
+            if outtype != "f32" or mode == "batched":
+                got[outtype, mode] = tools.perplexity(out, text_file, ctx=CTX, chunks=2, threads=2,
+                                                      extra=F32_KV + extra).ppl
+    print(got)
+    for outtype in ("q8_0", "q4_0"):
+        assert relative_difference(got[outtype, "decoded"], got[outtype, "batched"]) < 1e-2, got
+        assert relative_difference(got[outtype, "no-repack"], got[outtype, "batched"]) < 2e-2, got
+        assert relative_difference(got[outtype, "batched"], got["f32", "batched"]) < 0.1, got
