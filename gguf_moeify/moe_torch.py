@@ -44,7 +44,7 @@ class MoEMLP(nn.Module):
         # keeps each neuron once)
         self.teacher = False
         self.router_fit_loss: torch.Tensor | None = None   # set by each straight-through forward (see there)
-        # per-token counts: routed experts used and rows routed since construction (``mean_experts_used``)
+        # per-token counts: routed experts used and rows routed since construction (``experts_used_by_layer``)
         self.experts_used, self.rows_routed = 0.0, 0
 
     def weight(self, name: str) -> torch.Tensor:
