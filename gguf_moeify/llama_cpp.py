@@ -200,9 +200,10 @@ class LlamaCppTools:
     def has(self, name: str) -> bool:
         return (self.bin_dir / (name + _EXE)).is_file()
 
-    def run(self, name: str, args: Sequence[str | os.PathLike]) -> subprocess.CompletedProcess:
-        """Run a tool; on failure raise UserError with the last lines of its stderr."""
-        return self._run(name, args)[0]
+    def run(self, name: str, args: Sequence[str | os.PathLike], env: dict | None = None) -> subprocess.CompletedProcess:
+        """Run a tool (``env``: variables added to its environment); on failure raise UserError with the last lines
+        of its stderr."""
+        return self._run(name, args, env=env)[0]
 
     def _run(self, name: str, args: Sequence[str | os.PathLike], peak_rss: bool = False,
              env: dict | None = None) -> tuple[subprocess.CompletedProcess, float | None]:
@@ -238,7 +239,9 @@ class LlamaCppTools:
 
     # ---- llama-perplexity
     def _ppl_run(self, args: list[str], expert_stats: bool) -> subprocess.CompletedProcess:
-        return self._run("llama-perplexity", args, env={EXPERT_STATS_ENV: "1"} if expert_stats else None)[0]
+        if expert_stats:
+            return self.run("llama-perplexity", args, env={EXPERT_STATS_ENV: "1"})
+        return self.run("llama-perplexity", args)
 
     def _ppl_args(self, model, ctx, chunks, threads, batch) -> list[str]:
         args = ["-m", str(model), "-c", str(ctx), "-t", str(threads or _default_threads()),
