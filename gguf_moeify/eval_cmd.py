@@ -36,8 +36,7 @@ def evaluate_model(model: str, text_file: str, method: str, opts: MethodOptions,
            "active_fraction": active, "method": method, "plan": plans[0].summary()}
     used = experts_used_by_layer(hf)
     if used is not None:   # per-token counts: what the text actually used, next to the calibrated budget
-        res["measured_active_fraction"] = sum((p.shared_width + u * p.expert_width) / p.d_ff
-                                              for p, u in zip(plans, used)) / len(plans)
+        res["measured_active_fraction"] = sum(p.active_fraction(u) for p, u in zip(plans, used)) / len(plans)
     if opts.runtime == "stock":  # how often stock's choice is the original router's (held-out calibration tokens)
         res["stock_router_agreement"] = sum(p.info["stock_router_agreement"] for p in plans) / len(plans)
     if finetune is not None:

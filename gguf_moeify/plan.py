@@ -121,10 +121,11 @@ class MoEPlan:
         """Routed experts a token uses: top_k, or with per-token counts the mean they were calibrated to."""
         return self.mean_top_k if self.per_token_count and self.mean_top_k is not None else float(self.top_k)
 
-    def active_fraction(self) -> float:
+    def active_fraction(self, experts: float | None = None) -> float:
         """Fraction of the dense d_ff neurons computed per token (padding counts, as the runtime computes it; with
-        per-token counts, the calibrated mean)."""
-        return (self.shared_width + self.mean_experts * self.expert_width) / self.d_ff
+        per-token counts, the calibrated mean), or with ``experts`` routed experts a token used (measured)."""
+        used = self.mean_experts if experts is None else experts
+        return (self.shared_width + used * self.expert_width) / self.d_ff
 
     def summary(self) -> dict:
         gating = {} if self.gating == "unit" else {"gating": self.gating, "norm_weights": self.norm_weights,

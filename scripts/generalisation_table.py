@@ -101,8 +101,7 @@ def main() -> int:
                 rec["dense"][label(t)] = dense[t]
                 used = experts_used_by_layer(model)
                 if used is not None:
-                    rec["active"][label(t)] = sum((p.shared_width + u * p.expert_width) / p.d_ff
-                                                  for p, u in zip(plans, used)) / len(plans)
+                    rec["active"][label(t)] = sum(p.active_fraction(u) for p, u in zip(plans, used)) / len(plans)
             if args.finetune:
                 lora = LoRAOptions(seed=args.seed, loss=args.finetune)
                 rec["finetune"] = {k: v for k, v in finetune_lora(model, ckpt, adapter, calib, lora).items()

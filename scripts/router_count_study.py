@@ -27,28 +27,8 @@ from router_study_setup import convert_finegrained, load_study, study_parser
 
 from gguf_moeify.calibration import calib_tokens
 from gguf_moeify.evaluate import perplexity
-from gguf_moeify.linalg import ridge_least_squares
 from gguf_moeify.reference import logits_fn
-
-
-def fit_raw(x: torch.Tensor, norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight (E, d), bias (E,)): least squares x W + b ≈ log norms (not standardised per token)."""
-    y = torch.log(norms.double().clamp_min(1e-12))
-    w = ridge_least_squares(torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1), y)
-    return torch.as_tensor(w[:, :-1]).float(), torch.as_tensor(w[:, -1]).float()
-
-
-def count_threshold(scores: torch.Tensor, k: int, k_max: int) -> float:
-    """The threshold t with mean over rows of min(k_max, #(scores >= t)) closest to k (bisection on t)."""
-    top = torch.topk(scores, k_max, dim=1).values
-    lo, hi = float(top.min()), float(top.max())
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if (top >= mid).sum(1).float().mean() > k:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+from gguf_moeify.routers import count_threshold, fit_log_norm_router
 
 
 def main() -> int:
@@ -66,7 +46,7 @@ def main() -> int:
     raw, thresholds = [], {mean: [] for mean in means}
     with torch.no_grad():
         for i, m in enumerate(mlps):
-            w, b = fit_raw(x_cal[i], m._expert_norms(x_cal[i]))
+            w, b = (torch.as_tensor(a).float() for a in fit_log_norm_router(x_cal[i], m._expert_norms(x_cal[i])))
             raw.append((w, b))
             for mean in means:
                 thresholds[mean].append(count_threshold(x_cal[i].float() @ w.t() + b, mean, k_max))
@@ -86,7 +66,7 @@ def main() -> int:
             tau = thresholds[float(name.split(":")[1]) if ":" in name else float(k)][i]
             sc = x @ raw[i][0].t() + raw[i][1]
             top = torch.topk(sc, k_max, dim=1)
-            on = (top.values >= tau).to(x.dtype)
+            on = (top.values > tau).to(x.dtype)   # as the file: above the threshold
             counts[i].append(float(on.sum(1).mean()))
             return top.indices, on
         return select_weighted
