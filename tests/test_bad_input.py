@@ -241,6 +241,22 @@ def test_signal_while_converting_leaves_nothing(slow_model, tmp_path, sig):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_interrupt_inside_exec_still_exits_128_plus_signal(tmp_path):
+    """CPython ends a process by SIGINT, whatever it returns, once a KeyboardInterrupt has passed through an
+    exec() of a string; the signal can land in one (a lazy import defining a dataclass), and the exit status must
+    still say which signal ended the run."""
+    # run as `python -m` (as a user does): only that path ends through the flag the exec() sets
+    (tmp_path / "interrupted_run.py").write_text(
+        "import runpy, gguf_moeify.cli as cli\n"
+        "cli._run = lambda args: exec(\"raise KeyboardInterrupt('SIGHUP')\")\n"
+        "runpy.run_module('gguf_moeify', run_name='__main__')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
+    proc = subprocess.run([sys.executable, "-m", "interrupted_run", "m", str(tmp_path / "o.gguf")], env=env,
+                          capture_output=True, text=True, preexec_fn=_default_sigint)
+    assert proc.returncode == 128 + signal.SIGHUP, proc.stderr
+    assert proc.stderr.strip() == "error: interrupted (SIGHUP)"
+
+
 def test_stale_temp_files_of_killed_runs_are_removed(model, tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()                      # a pid that no longer runs
