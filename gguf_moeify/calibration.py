@@ -14,6 +14,10 @@ for each decoder layer only that layer is materialised from the checkpoint: its 
 hidden states, the post-attention-norm outputs (the MLP inputs x) go to the method, which returns the layer's
 MoEPlan, the MoE MLP is built from the plan, and ``h + moe(x)`` becomes the next layer's input. Memory is one
 decoder layer plus the calibration hidden states (samples x seqlen x hidden floats, and the MLP inputs).
+
+With ``calib_outtype`` (q8_0 / q4_0) the hidden states are carried through the layers as that file stores them
+(embedding rows, attention matrices and the MoE's experts quantized and dequantized, stored_weights.py), so what a
+layer's plan is fitted on is what llama.cpp will give that layer. The methods' statistics still see the source MLP.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from tqdm import tqdm
 
 from .errors import UserError
 from .generated_calib import GENERATED, generated_windows
+from .stored_weights import ROUND_TRIP_OUTTYPES, as_stored, embedding_tied, experts_as_stored_, head_outtype
 from .timing import phase, record
 
 WIKITEXT2 = "wikitext2"
@@ -79,6 +84,9 @@ def check_calib_options(opts, method: str) -> None:
         raise UserError(f"--calib-samples must be >= 1, got {opts.calib_samples}")
     if opts.calib_seqlen < 2:
         raise UserError(f"--calib-seqlen must be >= 2, got {opts.calib_seqlen}")
+    if opts.calib_outtype not in (None,) + ROUND_TRIP_OUTTYPES:
+        raise UserError(f"calibration through stored weights takes {' or '.join(ROUND_TRIP_OUTTYPES)}, "
+                        f"not {opts.calib_outtype!r}")
 
 
 def read_calib_text(source: str) -> str:
@@ -173,22 +181,29 @@ class LayerwiseModel:
         with torch.device("cpu"):
             self.rotary = type(self.base.rotary_emb)(config=self.config).to(torch.float32)
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, outtype: str | None = None) -> torch.Tensor:
+        """Embedded ids; with ``outtype``, from the rows as a file of that type stores them."""
         w = self.ckpt.get(self.adapter.hf_global("token_embd"))
         out = torch.nn.functional.embedding(ids, w)
+        if outtype:   # rows are quantized one by one: rounding the rows taken is rounding the table
+            out = as_stored(out, head_outtype(outtype) if embedding_tied(self.ckpt, self.adapter) else outtype)
         if self.adapter.embed_scale:   # Gemma: sqrt(hidden_size), rounded to the weights' dtype as HF does
             out = out * torch.tensor(self.ckpt.n_embd ** 0.5).to(w.dtype)
         return out
 
-    def layer(self, i: int):
-        """Decoder layer i with its weights read from the checkpoint (MLP included)."""
+    def layer(self, i: int, outtype: str | None = None):
+        """Decoder layer i with its weights read from the checkpoint (MLP included); with ``outtype``, its attention
+        matrices as a file of that type stores them (the MLP stays as read: the file stores it as experts)."""
         layer = self.base.layers[i]
         prefix = self.adapter.layer_prefix.format(i=i)
+        stored = {f"{mod}.weight" for mod, gg in self.adapter.layer_tensors.items() if not gg.endswith("norm")}
         sd = {}
         for name, _ in list(layer.named_parameters()) + list(layer.named_buffers()):
             full = prefix + name
             if self.ckpt.has(full):
                 sd[name] = self.ckpt.get(full)
+                if outtype and name in stored:
+                    sd[name] = as_stored(sd[name], outtype)
         missing = [n for n, _ in layer.named_parameters() if n not in sd]
         if missing:
             raise UserError(f"{self.ckpt.path}: layer {i} tensors missing from the checkpoint: {missing[:3]}")
@@ -238,7 +253,7 @@ def calibrated_plans(ckpt, adapter, method, opts, progress: bool = True, capture
     with phase("embed"):
         lm = LayerwiseModel(ckpt, adapter)
         dtype = ckpt.dtype
-        hidden = lm.embed(ids).to(dtype)                      # (N, L, d)
+        hidden = lm.embed(ids, opts.calib_outtype).to(dtype)   # (N, L, d)
     record(event="setup")
     n, L, d = hidden.shape
     name = method.NAME
@@ -248,7 +263,7 @@ def calibrated_plans(ckpt, adapter, method, opts, progress: bool = True, capture
         if capture is not None:
             capture.append(hidden.clone())
         with phase("load"):
-            layer = lm.layer(i)
+            layer = lm.layer(i, opts.calib_outtype)
         pe, pos, mask = lm.rope_and_mask(L, dtype, i)
         resid = torch.empty_like(hidden)
         xs = torch.empty_like(hidden)
@@ -265,6 +280,9 @@ def calibrated_plans(ckpt, adapter, method, opts, progress: bool = True, capture
         plans.append(plan)
         with phase("moe_forward"):
             moe = MoEMLP(plan, gate, up, down, act=adapter.act)
+            if opts.calib_outtype:   # the next layer calibrates on what the file's experts compute
+                experts_as_stored_(moe, opts.calib_outtype, plan.expert_width, opts.shared_layout == "experts"
+                                   and plan.shared_width % plan.expert_width == 0)
             if opts.layer_budget == "sensitivity":
                 rows = sample_rows(n * L, opts.seed + i)
                 x_s, r_s = xs.reshape(-1, d)[rows], resid.reshape(-1, d)[rows]

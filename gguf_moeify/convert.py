@@ -15,7 +15,8 @@ from .errors import UserError
 from .finetune import LoRAOptions
 from .gguf_writer import KQUANT_OUTTYPES, OUTTYPES, write_gguf
 from .output_file import output_temp_path
-from .methods import MethodOptions, get_method, resolve_options
+from .methods import FinegrainedOptions, MethodOptions, get_method, resolve_options
+from .stored_weights import ROUND_TRIP_OUTTYPES
 from .plan import ModelPlan, MoEPlan
 
 
@@ -43,6 +44,18 @@ def check_output_path(out: Path, model_dir: Path) -> None:
             raise UserError(f"cannot write {out}: {exc.strerror or exc}")
         if magic != b"GGUF":
             raise UserError(f"output {out} exists and is not a GGUF file; refusing to replace it")
+
+
+def calibrated_for_outtype(method: str, opts: MethodOptions, outtype: str) -> MethodOptions:
+    """``opts`` for a file of ``outtype``. Per-token expert counts compare absolute router scores with thresholds,
+    which quantization moves (q4_0 files calibrated on the source weights used 46-48% of a 50% budget), so for
+    q8_0 / q4_0 files they are calibrated through the weights as the file stores them. Fixed counts rank each
+    token's own experts and keep the source weights (through q4_0 weights they measured no better)."""
+    own = opts.own
+    if (method == "finegrained" and isinstance(own, FinegrainedOptions) and own.expert_counts == "per-token"
+            and outtype in ROUND_TRIP_OUTTYPES):
+        return replace(opts, calib_outtype=outtype)
+    return opts
 
 
 def make_plans(ckpt: Checkpoint, adapter: Adapter, method_name: str, opts: MethodOptions,
@@ -155,7 +168,7 @@ def convert(model: str, out: str | os.PathLike, method: str = "mlpmoe", opts: Me
     if outtype not in OUTTYPES:
         raise UserError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
     ckpt, adapter = open_model(model, dtype)
-    opts = resolve_options(method, opts, ckpt.d_ff)
+    opts = calibrated_for_outtype(method, resolve_options(method, opts, ckpt.d_ff), outtype)
     get_method(method).validate(opts, ckpt.d_ff)
     prov = provenance(ckpt, method, opts, outtype, dtype)
     tune = None

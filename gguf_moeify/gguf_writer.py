@@ -32,11 +32,12 @@ from .gguf_keys import (ALWAYS_SELECTED_BIAS, EXPERT_TENSORS, GATE_UP_EXPS, PER_
                         ROUTER_TENSOR_NAMES, SELECTION_BIAS, expert_tensor_name)
 from .plan import ModelPlan, MoEPlan, expert_tensors
 from .rope_layout import llama3_rope_factors, permute_qk
+from .stored_weights import BLOCK, ROUND_TRIP_OUTTYPES, embedding_tied, head_outtype
 from .targets import Target, target_for
 from .vocab import converter_keys
 
 FLOAT_OUTTYPES = ("f32", "f16", "bf16")
-NUMPY_QUANT_OUTTYPES = ("q8_0", "q4_0")
+NUMPY_QUANT_OUTTYPES = ROUND_TRIP_OUTTYPES
 KQUANT_OUTTYPES = ("q4_k_m", "q5_k_m", "q6_k", "q3_k_m", "q2_k", "q4_k_s", "q5_k_s")
 OUTTYPES = FLOAT_OUTTYPES + NUMPY_QUANT_OUTTYPES + KQUANT_OUTTYPES
 
@@ -73,7 +74,7 @@ class TensorPlanner:
         self.T = gguf.GGMLQuantizationType
         self.base = _qtype(outtype)
         self.fallbacks: list[str] = []
-        self.tied = not ckpt.has(adapter.hf_global("output")) or bool(ckpt.config.get("tie_word_embeddings", False))
+        self.tied = embedding_tied(ckpt, adapter)
         self.merge_gate_up = merge_gate_up   # patched runtime; --runtime stock files keep the two tensors
         self.n_shared_exps = n_shared_exps   # the shared expert as that many always-selected experts (0: separate)
         self._memo: tuple[int, dict] | None = None
@@ -86,7 +87,7 @@ class TensorPlanner:
         base = base or self.base
         if len(shape) == 1:
             return self.T.F32
-        if base in (self.T.Q8_0, self.T.Q4_0) and shape[-1] % 32:
+        if base in (self.T.Q8_0, self.T.Q4_0) and shape[-1] % BLOCK:
             self.fallbacks.append(name)
             return self.T.F16
         return base
@@ -150,7 +151,7 @@ class TensorPlanner:
         emb, produce_emb = ck.shape(emb_name), self._hf(emb_name)
         if ad.trim_vocab and self.n_vocab and self.n_vocab < emb[0]:
             emb, produce_emb = (self.n_vocab,) + emb[1:], (lambda p, n: lambda: p()[:n])(produce_emb, self.n_vocab)
-        head_type = self.T.Q8_0 if self.base == self.T.Q4_0 else self.base
+        head_type = _qtype(head_outtype(self.outtype))
         out.append(Entry("token_embd.weight", emb, self._type_for("token_embd.weight", emb,
                          head_type if self.tied else None), produce_emb))
         rope_freqs = llama3_rope_factors(ck.config)

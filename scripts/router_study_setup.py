@@ -13,7 +13,7 @@ from gguf_moeify.bundled import DEFAULT_CALIB, EVAL_EXCERPT, NONFICTION_EXCERPT 
 from gguf_moeify.convert import make_plans, open_model  # noqa: E402
 from gguf_moeify.eval_cmd import add_bos_of  # noqa: E402
 from gguf_moeify.evaluate import read_text, tokenize_for_ppl  # noqa: E402
-from gguf_moeify.methods import MethodOptions  # noqa: E402
+from gguf_moeify.methods import FinegrainedOptions, MethodOptions  # noqa: E402
 from gguf_moeify.moe_torch import MoEMLP  # noqa: E402
 from gguf_moeify.reference import load_dense, moeify_  # noqa: E402
 from gguf_moeify.sizing import expert_layout  # noqa: E402
@@ -43,10 +43,12 @@ def load_study(args):
     return ckpt, adapter, model, bos, texts
 
 
-def convert_finegrained(model, ckpt, adapter, args) -> tuple[list[MoEMLP], tuple[int, int, int], MethodOptions]:
-    """Convert ``model`` in place (finegrained at ``args.fraction``, default calibration): its MoE layers,
-    (E, S, K) and the options used."""
+def convert_finegrained(model, ckpt, adapter, args, expert_counts: str = "fixed"
+                        ) -> tuple[list[MoEMLP], tuple[int, int, int], MethodOptions]:
+    """Convert ``model`` in place (finegrained at ``args.fraction``, default calibration, ``expert_counts``): its
+    MoE layers, (E, S, K) and the options used."""
     e, s, k = expert_layout("finegrained", ckpt.d_ff, args.fraction, None)
-    opts = MethodOptions(experts=e, shared=s, top_k=k, calib=DEFAULT_CALIB, seed=args.seed)   # default windows
+    opts = MethodOptions(experts=e, shared=s, top_k=k, calib=DEFAULT_CALIB, seed=args.seed,   # default windows
+                         own=FinegrainedOptions(expert_counts=expert_counts))
     moeify_(model, adapter, make_plans(ckpt, adapter, "finegrained", opts))
     return [m for m in model.modules() if isinstance(m, MoEMLP)], (e, s, k), opts

@@ -127,9 +127,9 @@ class MoEFiles:
         self._plans: dict[str, list] = {}
 
     def get(self, c: Config) -> tuple[Path, bool]:
-        from ..convert import make_plans, provenance, write_model_file
+        from ..convert import calibrated_for_outtype, make_plans, provenance, write_model_file
         from ..methods import get_method
-        opts = _opts_for(c, self.args, self.work)
+        opts = calibrated_for_outtype(c.method, _opts_for(c, self.args, self.work), c.outtype)
         if c.method != "mlpmoe" and not opts.calib:
             raise UserError(f"{c.method} needs calibration text: --calib FILE")
         get_method(c.method).validate(opts, self.ckpt.d_ff)

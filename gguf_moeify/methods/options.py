@@ -69,7 +69,8 @@ class FinegrainedOptions(_Checked):
     expert_counts: str = option(
         "fixed", "--expert-counts", "experts per token: the same top-k for every token (fixed), or per token "
         "(per-token: the linear router predicts each expert's output norm, and a token uses the experts above a "
-        "threshold set per layer so the calibration tokens use top-k on average; patched runtime only)",
+        "threshold set per layer so the calibration tokens use top-k on average, through the layers as a q8_0/q4_0 "
+        "file stores them; patched runtime only)",
         choices=("fixed", "per-token"))
     max_experts: float = option(2.0, "--max-experts", "--expert-counts per-token: the most routed experts a token "
                                 "may use, as a multiple of the mean (top-k)", type=float, metavar="FACTOR")
@@ -120,6 +121,8 @@ class MethodOptions:
     calib_samples: int = 32     # calibration windows
     calib_seqlen: int = 512     # tokens per window (capped at the model's context)
     seed: int = 0               # calibration windows, k-means initialisation, router training
+    calib_outtype: str | None = None   # q8_0/q4_0: calibration propagates through the weights as a file of this type
+                                       # stores them (calibration.py); None: the source weights
     layer_budget: str = "uniform"   # "sensitivity": per-layer top-k from measured error curves (same average)
     runtime: str = "patched"        # "stock": plans expressed for unmodified llama.cpp (stock.py)
     shared_layout: str = "experts"  # patched runtime: shared expert as always-selected experts, or "separate"
