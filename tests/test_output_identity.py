@@ -12,7 +12,8 @@ package). History: 695aa88 (before the ModelPlan refactor, whose files were iden
 and every other key identical in all cases), 5503d70 (default calibration 32 x 512: the recorded options of the
 cases that leave them at their defaults, i.e. the provenance key of the mlpmoe and qwen3moe cases), de2fa53
 (finegrained's --expert-counts and --max-experts: the provenance key of the finegrained cases, every tensor and
-every other key identical).
+every other key identical), 8d827a9 (the ``calib_outtype`` option, recorded in the provenance key of every case; no
+case calibrates through stored weights).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 HASHES = ROOT / "tests" / "data" / "output_hashes.json"
-REFERENCE_COMMIT = "de2fa53"   # the last commit that changed the output on purpose
+REFERENCE_COMMIT = "8d827a9"   # the last commit that changed the output on purpose
 CALIB = ("--calib", "calib.txt", "--calib-samples", "2", "--calib-seqlen", "64")
 # (model, method and options): one per method, per stock architecture, per file layout and router dtype
 CASES = {
