@@ -58,6 +58,8 @@ def main() -> int:
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--expert-counts", default="fixed", choices=("fixed", "per-token"), help="finegrained's")
+    p.add_argument("--shared-share", type=float, default=None,
+                   help="share of the active experts that are shared (default: the converter's, a third)")
     p.add_argument("--out", default="out/generalisation")
     args = p.parse_args()
     out = Path(args.out)
@@ -73,6 +75,8 @@ def main() -> int:
     for calib in args.calibs.split(";"):
         for f in (float(x) for x in args.fractions.split(",")):
             e, s, k = expert_layout(args.method, ckpt.d_ff, f, None)
+            if args.shared_share is not None:
+                s, k = round(args.shared_share * (s + k)), s + k - round(args.shared_share * (s + k))
             own = FinegrainedOptions(router=args.router, expert_counts=args.expert_counts) \
                 if args.method == "finegrained" else None
             data = None if args.method == "mlpmoe" else calib   # mlpmoe (all active: the dense MLP) uses none
