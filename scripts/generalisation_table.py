@@ -58,6 +58,8 @@ def main() -> int:
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--expert-counts", default="fixed", choices=("fixed", "per-token"), help="finegrained's")
+    p.add_argument("--finetune-steps", type=int, default=None,
+                   help="--finetune: training steps (default: one pass over the training windows)")
     p.add_argument("--shared-share", type=float, default=None,
                    help="share of the active experts that are shared (default: the converter's, a third)")
     p.add_argument("--out", default="out/generalisation")
@@ -84,6 +86,7 @@ def main() -> int:
                                  calib_seqlen=args.calib_seqlen, seed=args.seed, own=own)
             key = json.dumps({"model": args.model, "method": args.method, "calib": label(calib), "f": f,
                               **({"finetune": args.finetune} if args.finetune else {}),
+                              **({"finetune_steps": args.finetune_steps} if args.finetune_steps else {}),
                               "texts": [label(t) for t in texts], "chunks": args.chunks, "ctx": args.ctx,
                               "opts": opts.recorded()}, sort_keys=True, default=str)
             if key in done:
@@ -107,7 +110,7 @@ def main() -> int:
                 if used is not None:
                     rec["active"][label(t)] = sum(p.active_fraction(u) for p, u in zip(plans, used)) / len(plans)
             if args.finetune:
-                lora = LoRAOptions(seed=args.seed, loss=args.finetune)
+                lora = LoRAOptions(seed=args.seed, loss=args.finetune, steps=args.finetune_steps)
                 rec["finetune"] = {k: v for k, v in finetune_lora(model, ckpt, adapter, calib, lora).items()
                                    if isinstance(v, (int, float, str))}
                 rec["tuned"] = {label(t): perplexity(logits_fn(model), tokens[t], args.ctx, args.chunks, bos,
