@@ -148,3 +148,26 @@ def test_calib_outtype_is_checked(wide_models):
     ckpt = Checkpoint(wide_models[False])
     with pytest.raises(UserError, match="q8_0 or q4_0"):
         make_plans(ckpt, adapter_for(ckpt.config), "finegrained", _opts(calib_outtype="q4_k_m"), progress=False)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_stored_weight_propagation_for_other_architectures(tiny_models, arch, monkeypatch):
+    """Qwen3 (q/k norms, which stay f32) and Gemma 3 (scaled tied embedding, post-norms, GELU): the captured states
+    are the reference's with the file's weights. Their tiny experts are 8 neurons wide: down rows fall back to f16."""
+    ckpt = Checkpoint(tiny_models[arch])
+    adapter = adapter_for(ckpt.config)
+    ids = torch.randint(0, ckpt.config["vocab_size"], (2, 48), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr("gguf_moeify.calibration.calib_tokens", lambda *a, **k: ids)
+    captured: list[torch.Tensor] = []
+    opts = _opts(calib_outtype="q4_0", calib_samples=2, calib_seqlen=48)
+    plans = calibrated_plans(ckpt, adapter, get_method("finegrained"), opts, progress=False, capture=captured)
+    stored = _stored_reference(ckpt, adapter, plans, "q4_0")
+    source, _ = load_dense(ckpt, tokenizer=False)
+    moeify_(source, adapter, plans)                      # the same plans on the source weights
+    with torch.no_grad():
+        ref = stored(input_ids=ids, output_hidden_states=True).hidden_states
+        plain = source(input_ids=ids, output_hidden_states=True).hidden_states
+    tol = 2e-4 if arch == "gemma3" else 1e-4   # Gemma's GELU through ggml's f16 table (test_calibration.py)
+    for i in range(ckpt.n_layers):
+        assert (captured[i] - ref[i]).abs().max() < tol
+        assert (captured[i] - plain[i]).abs().max() > 10 * tol
