@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from .errors import UserError
 from .generated_calib import GENERATED, generated_windows
-from .stored_weights import ROUND_TRIP_OUTTYPES, as_stored, embedding_tied, experts_as_stored_, head_outtype
+from .stored_weights import ROUND_TRIP_OUTTYPES, as_stored, embedding_outtype, experts_as_stored_, layer_matrices
 from .timing import phase, record
 
 WIKITEXT2 = "wikitext2"
@@ -186,7 +186,7 @@ class LayerwiseModel:
         w = self.ckpt.get(self.adapter.hf_global("token_embd"))
         out = torch.nn.functional.embedding(ids, w)
         if outtype:   # rows are quantized one by one: rounding the rows taken is rounding the table
-            out = as_stored(out, head_outtype(outtype) if embedding_tied(self.ckpt, self.adapter) else outtype)
+            out = as_stored(out, embedding_outtype(self.ckpt, self.adapter, outtype))
         if self.adapter.embed_scale:   # Gemma: sqrt(hidden_size), rounded to the weights' dtype as HF does
             out = out * torch.tensor(self.ckpt.n_embd ** 0.5).to(w.dtype)
         return out
@@ -196,7 +196,7 @@ class LayerwiseModel:
         matrices as a file of that type stores them (the MLP stays as read: the file stores it as experts)."""
         layer = self.base.layers[i]
         prefix = self.adapter.layer_prefix.format(i=i)
-        stored = {f"{mod}.weight" for mod, gg in self.adapter.layer_tensors.items() if not gg.endswith("norm")}
+        stored = {f"{mod}.weight" for mod in layer_matrices(self.adapter)}
         sd = {}
         for name, _ in list(layer.named_parameters()) + list(layer.named_buffers()):
             full = prefix + name

@@ -32,7 +32,7 @@ from .gguf_keys import (ALWAYS_SELECTED_BIAS, EXPERT_TENSORS, GATE_UP_EXPS, PER_
                         ROUTER_TENSOR_NAMES, SELECTION_BIAS, expert_tensor_name)
 from .plan import ModelPlan, MoEPlan, expert_tensors
 from .rope_layout import llama3_rope_factors, permute_qk
-from .stored_weights import BLOCK, ROUND_TRIP_OUTTYPES, embedding_tied, head_outtype
+from .stored_weights import ROUND_TRIP_OUTTYPES, embedding_tied, head_outtype, row_outtype
 from .targets import Target, target_for
 from .vocab import converter_keys
 
@@ -87,7 +87,7 @@ class TensorPlanner:
         base = base or self.base
         if len(shape) == 1:
             return self.T.F32
-        if base in (self.T.Q8_0, self.T.Q4_0) and shape[-1] % BLOCK:
+        if row_outtype(base.name.lower(), shape[-1]) != base.name.lower():
             self.fallbacks.append(name)
             return self.T.F16
         return base

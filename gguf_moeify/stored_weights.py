@@ -26,6 +26,17 @@ def embedding_tied(ckpt, adapter) -> bool:
     return not ckpt.has(adapter.hf_global("output")) or bool(ckpt.config.get("tie_word_embeddings", False))
 
 
+def embedding_outtype(ckpt, adapter, outtype: str) -> str:
+    """The token embedding's type in a file of ``outtype``: the output projection's when it is tied to it."""
+    return head_outtype(outtype) if embedding_tied(ckpt, adapter) else outtype
+
+
+def layer_matrices(adapter) -> list[str]:
+    """The per-layer HF modules (attention) whose ``.weight`` the file stores in the file's type; the others are
+    norms, kept in f32."""
+    return [mod for mod, gg in adapter.layer_tensors.items() if not gg.endswith("norm")]
+
+
 def as_stored(w: torch.Tensor, outtype: str) -> torch.Tensor:
     """``w`` (rows along its last axis) as a file of ``outtype`` holds it, in w's dtype: quantized and dequantized
     (q8_0, q4_0), rounded (f16, bf16), or unchanged (f32)."""

@@ -20,7 +20,8 @@ from gguf_moeify.methods import FinegrainedOptions, MethodOptions, get_method
 from gguf_moeify.moe_torch import MoEMLP, experts_used_by_layer
 from gguf_moeify.plan import ModelPlan
 from gguf_moeify.reference import load_dense, moeify_
-from gguf_moeify.stored_weights import as_stored, embedding_tied, experts_as_stored_, head_outtype
+from gguf_moeify.stored_weights import (as_stored, embedding_outtype, embedding_tied, experts_as_stored_,
+                                        head_outtype, layer_matrices)
 
 PER_TOKEN = FinegrainedOptions(expert_counts="per-token")
 
@@ -93,12 +94,11 @@ def _stored_reference(ckpt, adapter, plans, outtype):
     """The torch reference with every weight as a file of ``outtype`` stores it."""
     model, _ = load_dense(ckpt, tokenizer=False)
     emb = model.get_input_embeddings()
-    emb.weight.data = as_stored(emb.weight.data, head_outtype(outtype) if embedding_tied(ckpt, adapter) else outtype)
+    emb.weight.data = as_stored(emb.weight.data, embedding_outtype(ckpt, adapter, outtype))
     for i in range(ckpt.n_layers):
-        for mod, gg in adapter.layer_tensors.items():
-            if not gg.endswith("norm"):
-                lin = model.get_submodule(adapter.layer_prefix.format(i=i) + mod)
-                lin.weight.data = as_stored(lin.weight.data, outtype)
+        for mod in layer_matrices(adapter):
+            lin = model.get_submodule(adapter.layer_prefix.format(i=i) + mod)
+            lin.weight.data = as_stored(lin.weight.data, outtype)
     moeify_(model, adapter, plans)
     for m in model.modules():
         if isinstance(m, MoEMLP):
