@@ -22,29 +22,20 @@ from __future__ import annotations
 import functools
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from .errors import UserError
+from .weight_bytes import ModelShape
 
 
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    n_embd: int
-    n_ff: int
-    n_layer: int
-    n_head: int
-    n_head_kv: int
-    n_vocab: int = 49152   # the output projection's rows: part of what each decoded token reads
-
-
+# tied embedding; the output projection's 49152 rows are part of what each decoded token reads
 SHAPES = {
-    "1b": Shape("1b", 2048, 8192, 16, 16, 16),
-    "7b": Shape("7b", 4096, 11008, 32, 32, 32),
-    "tiny": Shape("tiny", 256, 1024, 2, 4, 4),  # for tests
+    "1b": ModelShape("1b", 2048, 8192, 16, 16, 16, 128, 49152, True),
+    "7b": ModelShape("7b", 4096, 11008, 32, 32, 32, 128, 49152, True),
+    "tiny": ModelShape("tiny", 256, 1024, 2, 4, 4, 64, 49152, True),  # for tests
 }
 
 WEIGHT_STD = 0.02
@@ -107,7 +98,7 @@ def _tokenizer_keys(path: str) -> list:
     return [(k, f.contents(), list(f.types)) for k, f in reader.fields.items() if k.startswith("tokenizer.")]
 
 
-def synthetic_recipe(shape: Shape, outtype: str, experts: int, top_k: int, seed: int,
+def synthetic_recipe(shape: ModelShape, outtype: str, experts: int, top_k: int, seed: int,
                      router_dtype: str = "f32") -> dict:
     """What a synthetic file records of how it was made (``gguf_moeify.synthetic_recipe``)."""
     recipe = {"synthetic": True, "shape": asdict(shape), "outtype": outtype, "experts": experts, "top_k": top_k,
@@ -115,7 +106,7 @@ def synthetic_recipe(shape: Shape, outtype: str, experts: int, top_k: int, seed:
     return recipe if router_dtype == "f32" else {**recipe, "router_dtype": router_dtype}   # older files: f32
 
 
-def write_synthetic(out: str | os.PathLike, shape: Shape, outtype: str = "q4_0", experts: int = 0, top_k: int = 0,
+def write_synthetic(out: str | os.PathLike, shape: ModelShape, outtype: str = "q4_0", experts: int = 0, top_k: int = 0,
                     seed: int = 0, tokenizer_gguf: str | os.PathLike | None = None, ctx: int = 4096,
                     router_dtype: str = "f32") -> Path:
     """Write a SYNTHETIC dense (``experts == 0``) or MoE (E ``experts``, ``top_k`` used, unit weights) GGUF.
@@ -135,7 +126,7 @@ def write_synthetic(out: str | os.PathLike, shape: Shape, outtype: str = "q4_0",
     out = Path(out)
     tok_keys = _tokenizer_keys(str(tokenizer_gguf)) if tokenizer_gguf else None
     n_vocab = len(next(v for k, v, _ in tok_keys if k == "tokenizer.ggml.tokens")) if tok_keys else shape.n_vocab
-    d, hd = shape.n_embd, shape.n_embd // shape.n_head
+    d, hd = shape.n_embd, shape.head_dim
     kind = f"MoE E{experts} K{top_k} ({top_k / experts:.0%} active)" if experts else "dense"
     meta = synthetic_recipe(shape, outtype, experts, top_k, seed, router_dtype)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -224,51 +215,6 @@ def is_synthetic(path: str | os.PathLike) -> bool:
     import gguf
     f = gguf.GGUFReader(path).fields.get("gguf_moeify.synthetic")
     return bool(f.contents()) if f is not None else False
-
-
-def bytes_per_token(path: str | os.PathLike, used_slots: list[float] | None = None) -> dict:
-    """Weight bytes one decoded token reads from ``path`` (any llama-style GGUF, MoE or dense): every layer tensor,
-    routed experts scaled by K/E (the K chosen of E), one row of the token embedding, the output projection (the
-    embedding again when tied) and norms. KV-cache reads (grow with the context) are not counted.
-    ``used_slots``: the expert slots a token used in each layer, measured (per-token expert counts: the patched
-    llama-perplexity's count), instead of the file's K."""
-    import gguf
-    r = gguf.GGUFReader(path)
-    fields = r.fields
-    arch = fields["general.architecture"].contents()
-    e = fields.get(f"{arch}.expert_count")
-    k = fields.get(f"{arch}.expert_used_count")
-    n_exp = int(e.contents()) if e is not None else 0
-    used = k.contents() if k is not None else 0   # a per-layer list in files with per-layer budgets
-    if used_slots is not None:
-        used = list(used_slots)
-    used_in = lambda name: used[int(name.split(".")[1])] if isinstance(used, list) else used  # noqa: E731
-    parts = {"embedding_row": 0, "output": 0, "attention": 0, "router": 0, "experts_active": 0, "experts_all": 0,
-             "dense_ffn": 0, "shared_expert": 0, "norms": 0}
-    names = {t.name: int(t.n_bytes) for t in r.tensors}
-    for name, nb in names.items():
-        if name == "token_embd.weight":
-            rows = int(r.tensors[[t.name for t in r.tensors].index(name)].shape[1])
-            parts["embedding_row"] += nb // rows
-            if "output.weight" not in names:
-                parts["output"] += nb
-        elif name == "output.weight":
-            parts["output"] += nb
-        elif "_exps." in name:
-            parts["experts_all"] += nb
-            parts["experts_active"] += int(nb * used_in(name) / max(n_exp, 1))
-        elif "_shexp." in name:
-            parts["shared_expert"] += nb
-        elif "ffn_gate_inp" in name or "ffn_up_inp" in name:
-            parts["router"] += nb
-        elif ".attn_" in name and "norm" not in name:
-            parts["attention"] += nb
-        elif name.endswith(("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")):
-            parts["dense_ffn"] += nb
-        else:
-            parts["norms"] += nb
-    total = sum(v for key, v in parts.items() if key != "experts_all")
-    return {"total": total, "file_bytes": sum(names.values()), "experts": n_exp, "top_k": used, **parts}
 
 
 def measured_active_fraction(path: str | os.PathLike, used_slots: list[float]) -> float:

@@ -8,7 +8,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "gguf_moeify"
 MAX_LINES = 350
 BOTTOM = {"errors", "plan", "adapters", "checkpoint", "sizing", "linalg", "timing", "textfile", "gguf_keys",
-          "output_file", "stored_weights"}
+          "output_file", "stored_weights", "weight_bytes"}
 
 
 def _modules() -> dict[str, Path]:

@@ -12,7 +12,8 @@ from gguf_moeify.bench import parse_configs
 from gguf_moeify.sizing import expert_layout
 from gguf_moeify.cli import main as cli_main
 from gguf_moeify.errors import UserError
-from gguf_moeify.synthetic import SHAPES, bytes_per_token, is_synthetic, write_synthetic
+from gguf_moeify.synthetic import SHAPES, is_synthetic, write_synthetic
+from gguf_moeify.weight_bytes import bytes_per_token
 
 from conftest import eval_text_path
 

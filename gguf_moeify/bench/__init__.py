@@ -14,7 +14,7 @@ For one source model and a list of configurations ``METHOD:ACTIVE:OUTTYPE`` (com
    every model in turn (so a change of load on a shared machine hits all models alike; llama-bench warms up before
    each), mean ± sample std over the rounds; peak memory = max RSS of the llama-bench process (weights are
    mmapped, so resident weights count; CPU repacking of q4_0/q8_0 weights adds a copy);
-5. bandwidth limit: weight bytes read per decoded token (``synthetic.bytes_per_token``) and the decode speedup that
+5. bandwidth limit: weight bytes read per decoded token (``weight_bytes.bytes_per_token``) and the decode speedup that
    bytes alone would allow vs the dense file of the same outtype;
 6. results: ``results.jsonl`` (one object per model), ``results.md`` (table), ``plot.png`` (perplexity, or KLD with
    ``--plot-y kld``, against decode tokens/s; dense models as stars).

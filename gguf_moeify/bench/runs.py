@@ -56,7 +56,8 @@ def model_rows(models: list[Config], args, work: Path, tools, threads: int, file
     """Per model: its file (written, or reused while the recipe matches; ``files`` converts MoE configurations),
     the bytes read per decoded token and, unless SYNTHETIC, perplexity, KLD and top-1 agreement against
     ``base_logits``."""
-    from ..synthetic import SHAPES, bytes_per_token, has_per_token_counts, measured_active_fraction
+    from ..synthetic import SHAPES, has_per_token_counts, measured_active_fraction
+    from ..weight_bytes import bytes_per_token
     synthetic = args.synthetic is not None
     rows: list[dict] = []
     for i, c in enumerate(models, start=1 if synthetic else 2):
