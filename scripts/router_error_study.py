@@ -3,7 +3,7 @@ Torch reference, finegrained with ``--expert-counts per-token`` (default calibra
 conversion.
 
     .venv/bin/python scripts/router_error_study.py MODEL [--fraction 0.5] [--texts FILE,FILE] [--layers 0,5,...]
-        [--powers 0.5,1]
+        [--powers 0.5,1] [--shared-features]
 
 The MLP inputs of every MoE layer are captured (running the converted model) on the calibration windows and on each
 text. Per layer, a linear router with a per-expert bias is fitted to the raw log expert norms on the calibration
@@ -16,6 +16,10 @@ part and of the true per-token mean log norm; the mean count the threshold gives
 per-token oracle's routed output energy (the same total count spent on the (token, expert) pairs with the largest
 norms) the router's choices carry; and that share again with the common part of the error removed (the router's
 ranking with a perfect count predictor).
+
+``--shared-features`` adds two routers that also see what every token computes anyway, the shared expert's
+activations: ``x+h`` fitted on [x, h] with h = act(x G_s) * (x U_s) the shared expert's hidden values, ``x+a+h`` on
+[x, act(x G_s), h] (every feature scaled to unit mean square on the calibration inputs before the ridge fit).
 """
 from __future__ import annotations
 
@@ -42,6 +46,16 @@ def weighted_log_norm_router(x: torch.Tensor, norms: torch.Tensor, power: float)
     return w[:, :-1], w[:, -1]
 
 
+def shared_features(m, x: torch.Tensor, kind: str) -> torch.Tensor:
+    """The router's input: x, or x with the shared expert's activations (module docstring)."""
+    x = x.float()
+    if kind == "x":
+        return x
+    gate = m.act(x @ m.gate_shexp.t())
+    h = gate * (x @ m.up_shexp.t())
+    return torch.cat([x, h] if kind == "x+h" else [x, gate, h], 1)
+
+
 def energy_share(scores: torch.Tensor, threshold: float, norms: torch.Tensor, k_max: int) -> tuple[float, float]:
     """(mean count, share of the per-token oracle's energy at the same total count) of the threshold rule."""
     top = torch.topk(scores, k_max, dim=1)
@@ -57,6 +71,8 @@ def main() -> int:
     p = study_parser(__doc__)
     p.add_argument("--layers", default=None, help="layers to score (default: every fifth)")
     p.add_argument("--powers", default="0.5,1", help="weighted fits to compare with the file's (default 0.5,1)")
+    p.add_argument("--shared-features", action="store_true",
+                   help="also fit routers on x and the shared expert's activations (x+h, x+a+h)")
     args = p.parse_args()
     ckpt, adapter, model, bos, texts = load_study(args)
     mlps, (e, s, k), opts = convert_finegrained(model, ckpt, adapter, args, expert_counts="per-token")
@@ -66,19 +82,24 @@ def main() -> int:
              for name, ids in texts.items()}
     layers = [int(v) for v in args.layers.split(",")] if args.layers else list(range(0, len(mlps), 5))
     k_max = mlps[0].top_k   # the plan's most experts a token may use
-    fits = {"raw": fit_log_norm_router} | {
-        f"w{pw}": (lambda x, n, pw=float(pw): weighted_log_norm_router(x, n, pw)) for pw in args.powers.split(",") if pw}
+    fits = {"raw": ("x", fit_log_norm_router)} | {
+        f"w{pw}": ("x", lambda x, n, pw=float(pw): weighted_log_norm_router(x, n, pw))
+        for pw in args.powers.split(",") if pw}
+    if args.shared_features:
+        fits |= {kind: (kind, fit_log_norm_router) for kind in ("x+h", "x+a+h")}
     rows: dict[tuple[str, str], list] = {}
     with torch.no_grad():
         for i in layers:
             m = mlps[i]
             norms_cal = m._expert_norms(x_cal[i])
-            for name, fit in fits.items():
-                w, b = (torch.as_tensor(a).float() for a in fit(x_cal[i], norms_cal))
-                threshold = count_threshold(x_cal[i].float() @ w.t() + b, k, k_max)
+            for name, (kind, fit) in fits.items():
+                f_cal = shared_features(m, x_cal[i], kind)
+                scale = f_cal.pow(2).mean(0).sqrt().clamp_min(1e-6) if kind != "x" else torch.ones(f_cal.shape[1])
+                w, b = (torch.as_tensor(a).float() for a in fit(f_cal / scale, norms_cal))
+                threshold = count_threshold((f_cal / scale) @ w.t() + b, k, k_max)
                 for t, xs in [("calibration", x_cal[i])] + [(n, x[i]) for n, x in x_txt.items()]:
                     norms = m._expert_norms(xs)
-                    scores = xs.float() @ w.t() + b
+                    scores = (shared_features(m, xs, kind) / scale) @ w.t() + b
                     truth = torch.log(norms.clamp_min(1e-12))
                     common = (scores - truth).mean(1, keepdim=True)
                     count, share = energy_share(scores, threshold, norms, k_max)
