@@ -2,7 +2,8 @@
 end by ``python -m gguf_moeify`` with each data-driven method, wall time per layer by phase and peak RSS.
 
     .venv/bin/python scripts/bench_scaling.py --calib CALIB.txt [--runs d1536:2,llama1b:16,llama8b:2,llama8b:4]
-        [--methods finegrained,cmoe,moefication] [--active 0.5] [--work DIR] [--out results.jsonl]
+        [--methods finegrained,cmoe,moefication] [--active 0.5] [--outtype f16] [--convert-args "..."]
+        [--work DIR] [--out results.jsonl]
 
 Each checkpoint is written once under ``--work`` (bf16 safetensors, one shard per decoder layer plus one for the
 embeddings, with ``model.safetensors.index.json``: the sharded layout), with the tokenizer of ``--tokenizer``
@@ -149,11 +150,12 @@ def _time_v(stderr: str) -> dict:
     return {"peak_rss_mib": round(int(rss.group(1)) / 1024, 1) if rss else None, "cpu_s": round(cpu, 1)}
 
 
-def convert(ckpt: Path, method: str, active: float, calib: str, out: Path, timing: Path, outtype: str) -> dict:
+def convert(ckpt: Path, method: str, active: float, calib: str, out: Path, timing: Path, outtype: str,
+            extra: list[str] = ()) -> dict:
     """One end-to-end conversion in a child process: wall time, peak RSS, and the per-layer phase lines."""
     timing.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "gguf_moeify", "convert", str(ckpt), str(out), "--method", method,
-           "--active", str(active), "--calib", calib, "--outtype", outtype, "-q"]
+           "--active", str(active), "--calib", calib, "--outtype", outtype, "-q", *extra]
     env = {**os.environ, "GGUF_MOEIFY_TIMING": str(timing)}
     start = time.time()
     proc = subprocess.Popen(["/usr/bin/time", "-v"] + cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
@@ -236,6 +238,8 @@ def main() -> int:
     p.add_argument("--methods", default="finegrained,cmoe,moefication")
     p.add_argument("--active", type=float, default=0.5)
     p.add_argument("--outtype", default="f16")
+    p.add_argument("--convert-args", default="",
+                   help="more convert options, as one string (e.g. '--expert-counts per-token'); recorded per run")
     p.add_argument("--tokenizer", default=str(ROOT / "models" / "smollm2-135m"))
     p.add_argument("--work", default=str(ROOT / "out" / "scaling"))
     p.add_argument("--out", default=None, help="results JSON lines (default: WORK/results.jsonl)")
@@ -258,7 +262,8 @@ def main() -> int:
             print(f"{name} {layers} layers {method} S{s}A{k}E{e} ...", flush=True)
             load_before = _load_avg()
             out = work / f"{name}-{layers}L-{method}.gguf"
-            run = convert(ckpt, method, args.active, args.calib, out, work / "timing.jsonl", args.outtype)
+            run = convert(ckpt, method, args.active, args.calib, out, work / "timing.jsonl", args.outtype,
+                          args.convert_args.split())
             out.unlink(missing_ok=True)
             rec = {"shape": name, "n_layers": int(layers), "method": method, "esk": f"S{s}A{k}E{e}",
                    "d_ff": SHAPES[name]["d_ff"], "date": time.strftime("%F %T"), "commit": _commit(),
