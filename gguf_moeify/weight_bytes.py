@@ -2,8 +2,9 @@
 limit), or projected from a model's shape alone (``token_bytes``) for the dense model and finegrained files at
 given active fractions, before anything is converted.
 
-On a CPU, decode is bound by the weight bytes a token reads (the SYNTHETIC 1B-class files decode at 100-104% of
-that limit, docs/benchmark.md), so dense bytes / MoE bytes projects a file's decode speed against the dense file.
+On a CPU, decode is bound by the weight bytes a token reads (SYNTHETIC 1B-class files decode at 100-104% of that
+limit with 512-neuron experts and 91-97% with 32-neuron ones: docs/benchmark.md, docs/generalisation.md), so dense
+bytes / MoE bytes projects a file's decode speed against the dense file.
 The counts follow the writer's rules (``stored_weights``: a q4_0 file keeps the output projection, and a tied
 token embedding, at q8_0; rows that are not whole blocks fall back to f16) and the finegrained layout
 (``sizing.expert_layout``; the shared expert written as always-selected experts, so the router scores all E).
