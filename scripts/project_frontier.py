@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Projected decode speed of finegrained q4_0 files against the dense model at f16 / q8_0 / q4_0, for the shapes
 users convert (0.1B-8B), from the weight bytes a token reads (``gguf_moeify.weight_bytes``). On a CPU decode is
-bound by those bytes, so dense q4_0 bytes / file bytes is the speed a file can reach against dense q4_0 (the bound;
-measured files reach 96-104% of it where the experts are wide enough, docs/benchmark.md). No quality is projected.
+bound by those bytes, so dense q4_0 bytes / file bytes is the speed a file can reach against dense q4_0 (the bound:
+a SYNTHETIC 1B-class file of 32-neuron experts reached 91-97% of it, SmolLM2-135M's files 79-87%;
+docs/generalisation.md). No quality is projected.
 
     .venv/bin/python scripts/project_frontier.py                    # the built-in shapes
     .venv/bin/python scripts/project_frontier.py --config path/to/config.json --router-dtype f16
