@@ -21,7 +21,7 @@ from gguf_moeify.weight_bytes import ModelShape, bytes_per_token, matrix_bytes, 
 @pytest.fixture(scope="module")
 def models(smollm2_dir, tmp_path_factory) -> dict[bool, Path]:
     """Tiny llama models with d_ff 1024 (32-neuron finegrained experts), untied and tied embeddings."""
-    root = tmp_path_factory.mktemp("projection")
+    root = tmp_path_factory.mktemp("weight_bytes")
     return {tied: make_tiny_model("llama", root / f"tied{tied}", smollm2_dir, intermediate_size=1024,
                                   tie_word_embeddings=tied) for tied in (False, True)}
 
