@@ -151,7 +151,7 @@ def _time_v(stderr: str) -> dict:
 
 
 def convert(ckpt: Path, method: str, active: float, calib: str, out: Path, timing: Path, outtype: str,
-            extra: list[str] = ()) -> dict:
+            extra: tuple[str, ...] | list[str] = ()) -> dict:
     """One end-to-end conversion in a child process: wall time, peak RSS, and the per-layer phase lines."""
     timing.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "gguf_moeify", "convert", str(ckpt), str(out), "--method", method,

@@ -38,13 +38,14 @@ FRACTIONS = (0.25, 0.5, 0.75)
 
 
 def rows_for(shape: ModelShape, router_dtype: str) -> list[dict]:
-    base = token_bytes(shape, "q4_0")["total"]
-    rows = []
-    for outtype in DENSE_TYPES:
-        rows.append({"model": shape.name, "file": f"dense {outtype}", **token_bytes(shape, outtype)})
+    """The dense files (``active`` None) and the finegrained q4_0 files of ``shape``, with their bytes."""
+    rows = [{"model": shape.name, "outtype": t, "active": None, "file": f"dense {t}", **token_bytes(shape, t)}
+            for t in DENSE_TYPES]
     for f in FRACTIONS:
         b = token_bytes(shape, "q4_0", f, router_dtype)
-        rows.append({"model": shape.name, "file": f"finegrained {f:.0%} ({b['layout']}) q4_0", **b})
+        rows.append({"model": shape.name, "outtype": "q4_0", "active": f,
+                     "file": f"finegrained {f:.0%} ({b['layout']}) q4_0", **b})
+    base = next(r["total"] for r in rows if r["file"] == "dense q4_0")
     for r in rows:
         r["mlp_share"] = (r["dense_ffn"] + r["experts_active"] + r["router"]) / r["total"]
         r["bound_vs_dense_q4_0"] = base / r["total"]
@@ -71,9 +72,9 @@ def main(argv=None) -> int:
           "bound vs dense q4_0 at 25% / 50% / 75% active |")
     print("|---|---|---|---|---|---|")
     for s in shapes:
-        by = {r["file"].split(" (")[0]: r for r in rows if r["model"] == s.name}
-        q8, q4, moe = by["dense q8_0"], by["dense q4_0"], by["finegrained 50%"]
-        bounds = " / ".join(f"{by[f'finegrained {f:.0%}']['bound_vs_dense_q4_0']:.2f}x" for f in FRACTIONS)
+        by = {(r["outtype"], r["active"]): r for r in rows if r["model"] == s.name}
+        q8, q4, moe = by["q8_0", None], by["q4_0", None], by["q4_0", 0.5]
+        bounds = " / ".join(f"{by['q4_0', f]['bound_vs_dense_q4_0']:.2f}x" for f in FRACTIONS)
         print(f"| {s.name} | {s.n_ff} | {moe['layout']} | {q8['total'] / 1e6:.0f} / {q4['total'] / 1e6:.0f} "
               f"({q4['mlp_share']:.0%}) | {q4['file_bytes'] / 1e9:.2f} / {moe['file_bytes'] / 1e9:.2f} | {bounds} |")
     return 0
