@@ -47,8 +47,9 @@ class LayerCalib:
     seed: int = 0
 
 
-BUNDLED = "bundled"   # the package's calibration excerpt (bundled.CALIB_EXCERPT)
-KEYWORDS = (GENERATED, BUNDLED, WIKITEXT2)
+BUNDLED = "bundled"             # the package's excerpt of a novel (bundled.CALIB_EXCERPT)
+BUNDLED_DOCS = "bundled-docs"   # the package's excerpt of the SQLite documentation (bundled.DOCS_EXCERPT)
+KEYWORDS = (GENERATED, BUNDLED, BUNDLED_DOCS, WIKITEXT2)
 
 
 def source_parts(source: str) -> list[str]:
@@ -59,8 +60,8 @@ def source_parts(source: str) -> list[str]:
 
 
 def part_path(part: str) -> str:
-    from .bundled import CALIB_EXCERPT
-    return str(CALIB_EXCERPT) if part == BUNDLED else part
+    from .bundled import CALIB_EXCERPT, DOCS_EXCERPT
+    return {BUNDLED: str(CALIB_EXCERPT), BUNDLED_DOCS: str(DOCS_EXCERPT)}.get(part, part)
 
 
 def check_text_source(source: str, flag: str) -> None:

@@ -27,7 +27,8 @@ def add_method_args(p: argparse.ArgumentParser, main: argparse._ArgumentGroup) -
     main.add_argument("--calib", default=None, metavar="SOURCE[,SOURCE...]",
                       help="calibration text of cmoe, moefication, finegrained and tomoe: a UTF-8 file, a folder of "
                            ".txt files, 'generated' (text the model samples itself, cached per model), 'bundled' "
-                           "(the packaged excerpt of Sense and Sensibility) or 'wikitext2' (online, `datasets` "
+                           "(the packaged excerpt of Sense and Sensibility), 'bundled-docs' (the packaged excerpt "
+                           "of the SQLite documentation) or 'wikitext2' (online, `datasets` "
                            "package); several joined by commas share the windows (default: "
                            f"{DEFAULT_CALIB}; mlpmoe: none)")
     g = p.add_argument_group("method details (advanced; --experts/--shared/--top-k default: from --active)")

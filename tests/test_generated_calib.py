@@ -94,7 +94,7 @@ def test_cache_key_follows_weights_edited_in_place(tiny_models, tmp_path):
 
 
 def test_sources_joined_by_commas_share_the_windows(tiny_models, tmp_path, monkeypatch):
-    from gguf_moeify.bundled import CALIB_EXCERPT
+    from gguf_moeify.bundled import CALIB_EXCERPT, DOCS_EXCERPT
     from gguf_moeify.calibration import check_text_source, corpus_tokens, draw_windows, tokenize_text
     from gguf_moeify.errors import UserError
     monkeypatch.setenv("GGUF_MOEIFY_CACHE", str(tmp_path))
@@ -104,6 +104,13 @@ def test_sources_joined_by_commas_share_the_windows(tiny_models, tmp_path, monke
     text = tokenize_text(ckpt.path, str(CALIB_EXCERPT))
     assert torch.equal(mixed[3:], draw_windows(text, 2, 24, seed=3))
     assert torch.equal(calib_tokens(ckpt, "bundled", 2, 24, seed=3), draw_windows(text, 2, 24, seed=3))
+    docs = tokenize_text(ckpt.path, str(DOCS_EXCERPT))
+    assert torch.equal(calib_tokens(ckpt, "bundled-docs", 2, 24, seed=3), draw_windows(docs, 2, 24, seed=3))
+    # three sources: the first ones get the remainder (7 = 3 + 2 + 2)
+    three = calib_tokens(ckpt, "generated,bundled,bundled-docs", 7, 24, seed=3, progress=False)
+    assert torch.equal(three[:3], calib_tokens(ckpt, "generated", 3, 24, seed=3, progress=False))
+    assert torch.equal(three[3:5], draw_windows(text, 2, 24, seed=3))
+    assert torch.equal(three[5:], draw_windows(docs, 2, 24, seed=3))
     # the trainers' corpus: the text, then the generated windows one after another
     corpus = corpus_tokens(ckpt, f"{CALIB_EXCERPT},generated", 3, 24, seed=3)
     assert torch.equal(corpus, torch.cat([text, calib_tokens(ckpt, "generated", 3, 24, seed=3).reshape(-1)]))
@@ -129,7 +136,7 @@ def test_convert_calibrates_on_the_default_sources_without_calib(tiny_models, tm
                      "--calib-seqlen", "32", "-q"]) == 0
     field = gguf.GGUFReader(str(out)).fields["gguf_moeify.provenance"]
     recorded = json.loads(bytes(field.parts[field.data[0]]).decode())
-    assert recorded["options"]["calib"] == DEFAULT_CALIB == "generated,bundled"
+    assert recorded["options"]["calib"] == DEFAULT_CALIB == "generated,bundled,bundled-docs"
     assert len(list((tmp_path / "cache" / "calib").glob("generated-*.pt"))) == 1   # one window generated
 
 
